@@ -1,0 +1,166 @@
+"""The ``autoperi`` command line.
+
+Library commands (``data``) live here; ``train`` and ``eval`` / ``bench`` register their own
+sub-commands from the top-level ``train`` and ``eval`` packages through a ``register``
+function, so the library itself never depends on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from autoperi_jax import __version__
+
+# (module, description) of packages that add sub-commands with ``register(subparsers)``.
+PLUGINS = ("train.cli", "eval.cli")
+
+EPILOG = """examples:
+  autoperi data info perov_5                 # the bundled Perov-5 training split
+  autoperi data info perov_5:test --cutoff 6
+  autoperi data info my_structures.extxyz
+  autoperi data info mp_20 --data-dir ~/data # after downloading MP-20 (see README)
+"""
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser(
+        "data",
+        help="inspect and preprocess datasets",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    info = dsub.add_parser(
+        "info",
+        help="counts, atoms per cell, elements, properties and rejected rows of a dataset",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    info.add_argument("dataset", help="perov_5[:split], mp_20[:split], ... or a path")
+    add_dataset_options(info)
+    info.set_defaults(func=_data_info)
+    batches = dsub.add_parser(
+        "batches",
+        help="padding buckets, compiled shapes per epoch and padding waste of a dataset",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  autoperi data batches perov_5 --batch-size 128 --buckets 3",
+    )
+    batches.add_argument("dataset", help="perov_5[:split], mp_20[:split], ... or a path")
+    batches.add_argument("--batch-size", type=int, default=128)
+    batches.add_argument("--buckets", type=int, default=3, help="number of padding budgets")
+    batches.add_argument("--seed", type=int, default=0)
+    add_dataset_options(batches)
+    batches.set_defaults(func=_data_batches)
+
+
+def add_dataset_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that reads a dataset."""
+    p.add_argument("--data-dir", help="folder holding NAME/SPLIT.csv (else $AUTOPERI_DATA)")
+    p.add_argument("--cache-dir", help="preprocessing cache (else $AUTOPERI_CACHE)")
+    p.add_argument("--cutoff", type=float, default=6.0, help="graph cutoff in A (default 6)")
+    p.add_argument("--max-neighbors", type=int, default=None, help="cap per atom (ties kept)")
+    p.add_argument("--max-atoms", type=int, default=None, help="reject larger structures")
+    p.add_argument(
+        "--standardize",
+        choices=["niggli", "conventional", "primitive"],
+        default=None,
+        help="cell standardisation before building graphs",
+    )
+    p.add_argument(
+        "--skip-bad-rows", action="store_true", help="skip malformed rows and report them"
+    )
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+
+
+def load_from_args(args: argparse.Namespace, spec: str):
+    """`load_dataset` with the options of `add_dataset_options`; returns (dataset, seconds)."""
+    from autoperi_jax.datasets import timed_load
+    from autoperi_jax.graph import GraphSettings
+
+    return timed_load(
+        spec,
+        settings=GraphSettings(cutoff=args.cutoff, max_neighbors=args.max_neighbors),
+        data_dir=args.data_dir,
+        cache_dir=args.cache_dir,
+        on_error="skip" if args.skip_bad_rows else "raise",
+        standardize=args.standardize,
+        max_atoms=args.max_atoms,
+        workers=args.workers,
+    )
+
+
+def _data_info(args: argparse.Namespace) -> int:
+    from autoperi_jax.datasets import summarize
+
+    ds, seconds = load_from_args(args, args.dataset)
+    print(summarize(ds, seconds))
+    return 0
+
+
+def _data_batches(args: argparse.Namespace) -> int:
+    import time
+
+    from autoperi_jax.graph import BatchIterator, make_buckets
+
+    ds, seconds = load_from_args(args, args.dataset)
+    buckets = make_buckets(ds.n_node, ds.n_edge, args.batch_size, args.buckets, seed=args.seed)
+    it = BatchIterator(ds.graphs, args.batch_size, buckets=buckets, seed=args.seed)
+    shapes: set[tuple[int, int]] = set()
+    real_n = real_e = pad_n = pad_e = 0
+    t = time.perf_counter()
+    for _ in range(it.steps_per_epoch):
+        b = next(it)
+        shapes.add((b.nodes["mask"].shape[0], b.edges["mask"].shape[0]))
+        real_n += int(b.nodes["mask"].sum())
+        real_e += int(b.edges["mask"].sum())
+        pad_n += b.nodes["mask"].shape[0]
+        pad_e += b.edges["mask"].shape[0]
+    dt = time.perf_counter() - t
+    print(f"{ds.source}: {len(ds)} structures (loaded in {seconds:.2f} s)")
+    print(f"batch size {args.batch_size}, {it.steps_per_epoch} batches per epoch")
+    for b in buckets:
+        print(f"  bucket: {b.n_node} nodes, {b.n_edge} edges, {b.n_graph} graphs")
+    print(f"distinct batch shapes in one epoch: {len(shapes)} (buckets: {len(buckets)})")
+    print(f"padding waste: nodes {1 - real_n / pad_n:.1%}, edges {1 - real_e / pad_e:.1%}")
+    print(f"host batching: {it.steps_per_epoch / dt:.1f} batches/s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autoperi",
+        description="autoperi-jax: periodic-graph crystal generative modelling in JAX.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"autoperi-jax {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_data(sub)
+    for name in PLUGINS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # a real missing dependency inside the plugin
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from autoperi_jax.crystal import CrystalError
+    from autoperi_jax.datasets import DatasetError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (DatasetError, CrystalError, FileNotFoundError) as e:
+        print(f"autoperi: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

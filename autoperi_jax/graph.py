@@ -1,0 +1,602 @@
+"""Periodic graphs: neighbour lists over all images, padded `jraph.GraphsTuple` batches.
+
+Edge convention (matches ASE's ``neighbor_list('ijS')`` with ``i`` = receiver):
+
+* ``receivers[e] = i`` is the centre atom, ``senders[e] = j`` its neighbour;
+* ``shifts[e] = k_ij`` [3] int is the image of j: the neighbour sits at ``frac[j] + k_ij``;
+* ``r_ij = (frac[j] + k_ij - frac[i]) @ cell`` (`edge_vectors`), pointing from i to j.
+
+Every image within the cutoff is an edge, including an atom's own images (``i == j``,
+``k != 0``); the zero-shift self pair is not. With a pure cutoff the edge set is symmetric:
+(i, j, k) and (j, i, -k) both appear. Messages flow senders -> receivers (jraph).
+
+Batched layout (`batch_graphs`), with G graphs, N nodes, E edges after padding:
+
+* ``nodes``: ``numbers`` [N] int32 (0 for padding), ``frac_coords`` [N, 3] float32,
+  ``features`` [N, 3] float32 (`autoperi_jax.elements.atom_features`), ``mask`` [N] bool;
+* ``edges``: ``shifts`` [E, 3] int32, ``mask`` [E] bool;
+* ``globals``: ``cell`` [G, 3, 3], ``lattice`` [G, 6], ``properties`` [G, P] (NaN where
+  missing), ``mask`` [G] bool;
+* ``senders``/``receivers`` [E] int32, ``n_node``/``n_edge`` [G] int32.
+
+Padding follows jraph: one padding graph owns every padding node and edge; padding edges
+are zero-shift self-loops of the first padding node (zero length: use `safe_norm`). The
+padding graph has an identity cell so lattice quantities stay finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from autoperi_jax.elements import atom_features
+
+__all__ = [
+    "BatchIterator",
+    "CrystalGraph",
+    "GraphSettings",
+    "PaddingBudget",
+    "batch_graphs",
+    "crystal_to_graph",
+    "dense_neighbor_list",
+    "edge_vectors",
+    "make_buckets",
+    "neighbor_list",
+    "rewrap",
+    "safe_norm",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphSettings:
+    """How a crystal becomes a graph (part of the preprocessing cache key).
+
+    Attributes:
+      cutoff: neighbour cutoff radius in A (pairs with distance < cutoff).
+      max_neighbors: if set, keep per centre atom the ``max_neighbors`` nearest neighbours
+        and every further neighbour tied with the last kept one (within ``tie_tol`` A), so
+        that the cap never breaks the crystal's symmetry.
+      tie_tol: distance tolerance (A) for ties at the cap.
+    """
+
+    cutoff: float = 6.0
+    max_neighbors: int | None = None
+    tie_tol: float = 1e-4
+
+
+# ------------------------------------------------------------------ host neighbour list
+def _shift_range(cell: np.ndarray, cutoff: float) -> np.ndarray:
+    """Per-axis image range needed so that every pair with |r| < cutoff is enumerated.
+
+    With fractional differences in (-1, 1) and reciprocal vectors b*_a (columns of
+    inv(cell)), |frac_a difference + k_a| <= cutoff * |b*_a|, hence
+    |k_a| <= floor(cutoff * |b*_a|) + 1.
+    """
+    recip_norms = np.linalg.norm(np.linalg.inv(cell), axis=0)  # [3]
+    return np.floor(cutoff * recip_norms).astype(np.int64) + 1
+
+
+def _shift_grid(n: Sequence[int]) -> np.ndarray:
+    """[S, 3] integer shifts in lexicographic order over [-n_a, n_a]."""
+    axes = [np.arange(-int(m), int(m) + 1) for m in n]
+    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+
+
+def neighbor_list(
+    frac: np.ndarray, cell: np.ndarray, settings: GraphSettings | float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """All neighbours within the cutoff over every periodic image.
+
+    Args:
+      frac: [n_atoms, 3] fractional coordinates (any range; they are not wrapped here).
+      cell: [3, 3] rows are lattice vectors (A).
+      settings: `GraphSettings` or a plain cutoff in A.
+
+    Returns:
+      receivers [E] (centre i), senders [E] (neighbour j), shifts [E, 3] int64 (k_ij), and
+      distances [E] in A, sorted by (i, j, k).
+    """
+    if not isinstance(settings, GraphSettings):
+        settings = GraphSettings(cutoff=float(settings))
+    frac = np.asarray(frac, dtype=np.float64)
+    cell = np.asarray(cell, dtype=np.float64)
+    n_atoms = frac.shape[0]
+    shifts = _shift_grid(_shift_range(cell, settings.cutoff))  # [S, 3]
+    shift_cart = shifts @ cell  # [S, 3]
+    zero = int(np.flatnonzero(np.all(shifts == 0, axis=1))[0])
+    recv, send, sh, dist = [], [], [], []
+    for i in range(n_atoms):  # chunk over centres: memory O(n_atoms * S)
+        d = (frac - frac[i]) @ cell  # [n_atoms, 3]
+        vec = d[:, None, :] + shift_cart[None, :, :]  # [n_atoms, S, 3]
+        r = np.linalg.norm(vec, axis=-1)  # [n_atoms, S]
+        keep = r < settings.cutoff
+        keep[i, zero] = False
+        j_idx, s_idx = np.nonzero(keep)  # row-major: sorted by j then shift
+        rr = r[j_idx, s_idx]
+        if settings.max_neighbors is not None and rr.size > settings.max_neighbors:
+            order = np.argsort(rr, kind="stable")
+            limit = rr[order[settings.max_neighbors - 1]] + settings.tie_tol
+            sel = np.sort(order[rr[order] <= limit])
+            j_idx, s_idx, rr = j_idx[sel], s_idx[sel], rr[sel]
+        recv.append(np.full(j_idx.shape, i, dtype=np.int64))
+        send.append(j_idx.astype(np.int64))
+        sh.append(shifts[s_idx])
+        dist.append(rr)
+    return (
+        np.concatenate(recv),
+        np.concatenate(send),
+        np.concatenate(sh).reshape(-1, 3),
+        np.concatenate(dist),
+    )
+
+
+def min_image_free_distances(frac: np.ndarray, cell: np.ndarray) -> np.ndarray:
+    """Shortest distance of each atom to any other atom or to its own images [n_atoms].
+
+    Every atom has an image at the shortest lattice vector, so a cutoff just above that
+    length always finds at least one neighbour per atom.
+    """
+    cutoff = float(np.linalg.norm(cell, axis=1).min()) * (1.0 + 1e-9) + 1e-9
+    recv, _, _, dist = neighbor_list(frac, cell, cutoff)
+    out = np.full(frac.shape[0], np.inf)
+    np.minimum.at(out, recv, dist)
+    return out
+
+
+def rewrap(
+    frac: np.ndarray, senders: np.ndarray, receivers: np.ndarray, shifts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Wraps coordinates into [0, 1) and updates image vectors so every edge keeps its
+    Cartesian vector: with n = floor(frac), k'_ij = k_ij + n_j - n_i.
+
+    Args:
+      frac: [n_atoms, 3] unwrapped fractional coordinates.
+      senders, receivers: [E] edge endpoints (j, i).
+      shifts: [E, 3] k_ij.
+
+    Returns:
+      wrapped frac [n_atoms, 3] and new shifts [E, 3].
+    """
+    n = np.floor(frac)
+    wrapped = frac - n
+    fix = wrapped >= 1.0  # float rounding of tiny negatives
+    wrapped = np.where(fix, 0.0, wrapped)
+    n = n + fix
+    new_shifts = shifts + (n[senders] - n[receivers]).astype(shifts.dtype)
+    return wrapped, new_shifts
+
+
+# ----------------------------------------------------------------------- graph records
+class CrystalGraph(NamedTuple):
+    """One crystal as a periodic graph (host numpy, unpadded).
+
+    Attributes:
+      numbers: [n] int atomic numbers.
+      frac_coords: [n, 3] fractional coordinates in [0, 1).
+      cell: [3, 3] rows are lattice vectors (A).
+      senders, receivers: [E] int edge endpoints (j, i).
+      shifts: [E, 3] int image vectors k_ij.
+      properties: [P] float, NaN where missing.
+    """
+
+    numbers: np.ndarray
+    frac_coords: np.ndarray
+    cell: np.ndarray
+    senders: np.ndarray
+    receivers: np.ndarray
+    shifts: np.ndarray
+    properties: np.ndarray
+
+
+def crystal_to_graph(crystal, settings: GraphSettings, property_names: Sequence[str] = ()):
+    """Builds the `CrystalGraph` of a `autoperi_jax.crystal.Crystal`."""
+    recv, send, shifts, _ = neighbor_list(crystal.frac_coords, crystal.cell, settings)
+    props = np.array([crystal.properties.get(k, np.nan) for k in property_names], np.float64)
+    return CrystalGraph(
+        numbers=crystal.numbers,
+        frac_coords=crystal.frac_coords,
+        cell=crystal.cell,
+        senders=send,
+        receivers=recv,
+        shifts=shifts,
+        properties=props,
+    )
+
+
+# ------------------------------------------------------------------------------ padding
+@dataclasses.dataclass(frozen=True, order=True)
+class PaddingBudget:
+    """Static shape of a padded batch: totals including the padding entries."""
+
+    n_node: int
+    n_edge: int
+    n_graph: int
+
+    def fits(self, n_node: int, n_edge: int, n_graph: int) -> bool:
+        # One node and one graph are always reserved for padding (jraph convention).
+        return n_node + 1 <= self.n_node and n_edge <= self.n_edge and n_graph + 1 <= self.n_graph
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return int(-(-x // multiple) * multiple)
+
+
+def make_buckets(
+    n_node: np.ndarray,
+    n_edge: np.ndarray,
+    batch_size: int,
+    num_buckets: int = 3,
+    seed: int = 0,
+    num_epochs: int = 8,
+    multiple: int = 8,
+) -> list[PaddingBudget]:
+    """Padding budgets taken from the data.
+
+    The largest bucket is the worst case (the ``batch_size`` largest graphs together), so
+    every batch fits; the others come from simulated random-batch totals. An epoch
+    therefore compiles at most ``num_buckets`` shapes.
+
+    Args:
+      n_node, n_edge: [n_graphs] sizes of every graph in the dataset.
+      batch_size: graphs per (shard of a) batch.
+      num_buckets: number of budgets returned (at most; duplicates are merged).
+      seed, num_epochs: the random batches used for the quantiles.
+      multiple: budgets are rounded up to a multiple of this.
+
+    Returns:
+      Sorted list of `PaddingBudget`, the last one fitting any batch: budgets at the 1/2,
+      3/4, ... quantiles and the maximum of the simulated batch totals, plus the worst case.
+    """
+    n_node = np.asarray(n_node)
+    n_edge = np.asarray(n_edge)
+    batch_size = min(batch_size, len(n_node))
+    worst_nodes = int(np.sort(n_node)[-batch_size:].sum())
+    worst_edges = int(np.sort(n_edge)[-batch_size:].sum())
+    rng = np.random.default_rng(seed)
+    tot_n, tot_e = [], []
+    for _ in range(num_epochs):
+        perm = rng.permutation(len(n_node))
+        m = (len(perm) // batch_size) * batch_size
+        if m == 0:
+            continue
+        idx = perm[:m].reshape(-1, batch_size)
+        tot_n.append(n_node[idx].sum(1))
+        tot_e.append(n_edge[idx].sum(1))
+    # Quantiles crowd the upper tail: 1/2, 3/4, ..., then the largest simulated batch, so
+    # only batches beyond every simulated one (rare) fall into the worst-case bucket.
+    qs = [1.0 - 0.5**k for k in range(1, num_buckets - 1)] + [1.0] if num_buckets > 1 else []
+    buckets = set()
+    if tot_n and len(qs):
+        tn, te = np.concatenate(tot_n), np.concatenate(tot_e)
+        for q in qs:
+            buckets.add(
+                PaddingBudget(
+                    _round_up(int(np.quantile(tn, q)) + 1, multiple),
+                    _round_up(max(int(np.quantile(te, q)), 1), multiple),
+                    batch_size + 1,
+                )
+            )
+    buckets.add(
+        PaddingBudget(
+            _round_up(worst_nodes + 1, multiple),
+            _round_up(max(worst_edges, 1), multiple),
+            batch_size + 1,
+        )
+    )
+    return sorted(buckets)
+
+
+def select_bucket(
+    buckets: Sequence[PaddingBudget], n_node: int, n_edge: int, n_graph: int
+) -> PaddingBudget:
+    """The smallest budget that fits a batch; raises if none does."""
+    for b in buckets:
+        if b.fits(n_node, n_edge, n_graph):
+            return b
+    raise ValueError(
+        f"a batch with {n_graph} graphs, {n_node} nodes and {n_edge} edges fits no padding "
+        f"budget (largest: {buckets[-1]}); rebuild the buckets from this dataset"
+    )
+
+
+def batch_graphs(graphs: Sequence[CrystalGraph], budget: PaddingBudget | None = None):
+    """Concatenates graphs into one padded `jraph.GraphsTuple` (layout: module docstring).
+
+    Args:
+      graphs: unpadded graphs (may be empty).
+      budget: static totals; ``None`` picks the tightest budget (one padding graph).
+
+    Returns:
+      `jraph.GraphsTuple` of numpy arrays.
+    """
+    import jraph
+
+    n_node = np.array([len(g.numbers) for g in graphs], dtype=np.int32)
+    n_edge = np.array([len(g.senders) for g in graphs], dtype=np.int32)
+    if budget is None:
+        budget = PaddingBudget(int(n_node.sum()) + 1, int(n_edge.sum()), len(graphs) + 1)
+    if not budget.fits(int(n_node.sum()), int(n_edge.sum()), len(graphs)):
+        raise ValueError(
+            f"{len(graphs)} graphs with {n_node.sum()} nodes / {n_edge.sum()} edges do not "
+            f"fit the padding budget {budget}"
+        )
+    n_prop = len(graphs[0].properties) if graphs else 0
+    N, E, G = budget.n_node, budget.n_edge, budget.n_graph
+    n_real, e_real, g_real = int(n_node.sum()), int(n_edge.sum()), len(graphs)
+
+    numbers = np.zeros(N, np.int32)
+    frac = np.zeros((N, 3), np.float32)
+    senders = np.full(E, n_real, np.int32)  # padding edges: self loops of padding node
+    receivers = np.full(E, n_real, np.int32)
+    shifts = np.zeros((E, 3), np.int32)
+    cell = np.broadcast_to(np.eye(3, dtype=np.float32), (G, 3, 3)).copy()
+    props = np.full((G, n_prop), np.nan, np.float32)
+    if graphs:
+        offsets = np.concatenate([[0], np.cumsum(n_node)[:-1]])
+        numbers[:n_real] = np.concatenate([g.numbers for g in graphs])
+        frac[:n_real] = np.concatenate([g.frac_coords for g in graphs])
+        senders[:e_real] = np.concatenate([g.senders + o for g, o in zip(graphs, offsets)])
+        receivers[:e_real] = np.concatenate([g.receivers + o for g, o in zip(graphs, offsets)])
+        shifts[:e_real] = np.concatenate([g.shifts for g in graphs]).reshape(-1, 3)
+        cell[:g_real] = np.stack([g.cell for g in graphs])
+        props[:g_real] = np.stack([g.properties for g in graphs]).reshape(g_real, n_prop)
+    from autoperi_jax.crystal import cell_to_lattice_params
+
+    full_n_node = np.zeros(G, np.int32)
+    full_n_edge = np.zeros(G, np.int32)
+    full_n_node[:g_real] = n_node
+    full_n_edge[:g_real] = n_edge
+    full_n_node[g_real] = N - n_real
+    full_n_edge[g_real] = E - e_real
+    return jraph.GraphsTuple(
+        nodes={
+            "numbers": numbers,
+            "frac_coords": frac,
+            "features": atom_features(numbers),
+            "mask": np.arange(N) < n_real,
+        },
+        edges={"shifts": shifts, "mask": np.arange(E) < e_real},
+        senders=senders,
+        receivers=receivers,
+        globals={
+            "cell": cell,
+            "lattice": cell_to_lattice_params(cell.astype(np.float64)).astype(np.float32),
+            "properties": props,
+            "mask": np.arange(G) < g_real,
+        },
+        n_node=full_n_node,
+        n_edge=full_n_edge,
+    )
+
+
+def stack_graphs(batches: Sequence[Any]):
+    """Stacks equally padded GraphsTuples along a new leading (shard) axis."""
+    import jax
+
+    return jax.tree.map(lambda *xs: np.stack(xs), *batches)
+
+
+# --------------------------------------------------------------------------- iterator
+class BatchIterator:
+    """Deterministic, resumable iterator of padded batches.
+
+    The epoch permutation comes from ``(seed, epoch)`` only, so every process computes the
+    same global batch; process ``p`` of ``P`` keeps its own contiguous slice, split further
+    into ``local_shards`` equally padded shards (one per local device) stacked on a leading
+    axis. All shards of a global batch share one bucket, chosen from the global batch's
+    largest shard, so every process builds the same static shape.
+
+    Args:
+      graphs: every graph of the dataset (each process holds the sizes of all of them).
+      batch_size: GLOBAL number of graphs per step.
+      buckets: padding budgets for one shard (`make_buckets` with
+        ``batch_size // (process_count * local_shards)``); computed if ``None``.
+      seed: explicit seed of the shuffle and of augmentation.
+      shuffle: reshuffle every epoch.
+      drop_remainder: drop the last incomplete batch (training); otherwise it is padded
+        with empty graphs (evaluation).
+      local_shards: shards per process; ``None`` gives a plain (unstacked) GraphsTuple.
+      process_index, process_count: this process among all (multi-host).
+      augment: optional ``f(graph, rng) -> graph`` applied to each graph.
+    """
+
+    def __init__(
+        self,
+        graphs: Sequence[CrystalGraph],
+        batch_size: int,
+        buckets: Sequence[PaddingBudget] | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_remainder: bool = True,
+        local_shards: int | None = None,
+        process_index: int = 0,
+        process_count: int = 1,
+        augment=None,
+    ) -> None:
+        shards_total = process_count * (local_shards or 1)
+        if batch_size % shards_total:
+            raise ValueError(
+                f"global batch_size={batch_size} must be divisible by process_count x "
+                f"local_shards = {shards_total}"
+            )
+        if len(graphs) == 0:
+            raise ValueError("cannot iterate over an empty dataset")
+        self.graphs = graphs
+        self.batch_size = batch_size
+        self.shard_size = batch_size // shards_total
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_remainder = drop_remainder
+        self.local_shards = local_shards
+        self.process_index = process_index
+        self.process_count = process_count
+        self.augment = augment
+        self.n_node = np.array([len(g.numbers) for g in graphs])
+        self.n_edge = np.array([len(g.senders) for g in graphs])
+        if buckets is None:
+            buckets = make_buckets(self.n_node, self.n_edge, self.shard_size, seed=seed)
+        self.buckets = list(buckets)
+        self.epoch = 0
+        self.step_in_epoch = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        n = len(self.graphs)
+        return n // self.batch_size if self.drop_remainder else -(-n // self.batch_size)
+
+    def state(self) -> dict[str, int]:
+        """Position, to be saved with a checkpoint."""
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.graphs))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.graphs))
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self):
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch += 1
+            self.step_in_epoch = 0
+        perm = self._permutation(self.epoch)
+        start = self.step_in_epoch * self.batch_size
+        idx = perm[start : start + self.batch_size]
+        batch = self._build(idx, self.epoch, self.step_in_epoch)
+        self.step_in_epoch += 1
+        return batch
+
+    def _build(self, idx: np.ndarray, epoch: int, step: int):
+        n_shards = self.process_count * (self.local_shards or 1)
+        shard_idx = [idx[s * self.shard_size : (s + 1) * self.shard_size] for s in range(n_shards)]
+        tot_n = max(int(self.n_node[s].sum()) for s in shard_idx)
+        tot_e = max(int(self.n_edge[s].sum()) for s in shard_idx)
+        budget = select_bucket(self.buckets, tot_n, tot_e, self.shard_size)
+        first = self.process_index * (self.local_shards or 1)
+        mine = shard_idx[first : first + (self.local_shards or 1)]
+        rng = np.random.default_rng([self.seed, epoch, step, self.process_index])
+        out = []
+        for s in mine:
+            gs = [self.graphs[i] for i in s]
+            if self.augment is not None:
+                gs = [self.augment(g, rng) for g in gs]
+            out.append(batch_graphs(gs, budget))
+        return out[0] if self.local_shards is None else stack_graphs(out)
+
+
+# ------------------------------------------------------------------ in-jit geometry
+def safe_norm(x, axis: int = -1, eps: float = 1e-12):
+    """Euclidean norm with a finite gradient at 0 (double-where, jax_md.util.safe_mask).
+
+    Args:
+      x: [..., 3] vectors (jax).
+
+    Returns:
+      [...] norms; exactly 0 where x is 0, with zero gradient there.
+    """
+    import jax.numpy as jnp
+
+    sq = jnp.sum(x * x, axis=axis)
+    ok = sq > eps
+    return jnp.where(ok, jnp.sqrt(jnp.where(ok, sq, 1.0)), 0.0)
+
+
+def edge_vectors(frac, cell, senders, receivers, shifts, edge_graph=None):
+    """``r_ij = (frac[j] + k_ij - frac[i]) @ cell``, the one edge-geometry function.
+
+    Differentiable with respect to ``frac`` and ``cell`` (works on numpy or jax arrays).
+
+    Args:
+      frac: [n_nodes, 3] fractional coordinates.
+      cell: [3, 3] (single crystal) or [n_graphs, 3, 3] with ``edge_graph``.
+      senders, receivers: [n_edges] j and i.
+      shifts: [n_edges, 3] integer image vectors k_ij.
+      edge_graph: [n_edges] graph index of each edge when ``cell`` is batched.
+
+    Returns:
+      [n_edges, 3] Cartesian edge vectors in A.
+    """
+    from autoperi_jax.crystal import _xp
+
+    xp = _xp(frac)
+    d = frac[senders] + shifts.astype(frac.dtype) - frac[receivers]  # [E, 3]
+    if edge_graph is None:
+        return d @ cell
+    return xp.einsum("ei,eij->ej", d, cell[edge_graph])
+
+
+def edge_graph_index(n_edge, total_edges: int):
+    """[total_edges] graph index of every edge from ``n_edge`` [G] (jit-safe)."""
+    import jax.numpy as jnp
+
+    return jnp.repeat(jnp.arange(n_edge.shape[0]), n_edge, total_repeat_length=total_edges)
+
+
+def node_graph_index(n_node, total_nodes: int):
+    """[total_nodes] graph index of every node from ``n_node`` [G] (jit-safe)."""
+    import jax.numpy as jnp
+
+    return jnp.repeat(jnp.arange(n_node.shape[0]), n_node, total_repeat_length=total_nodes)
+
+
+def dense_neighbor_list(frac, cell, atom_mask, cutoff: float, max_shift: int, max_edges: int):
+    """In-jit periodic neighbour list with static shapes, for decoded structures.
+
+    Enumerates the static image range [-max_shift, max_shift]^3 for every ordered atom
+    pair and keeps pairs with distance < cutoff (no zero-shift self pair), compacted into
+    ``max_edges`` slots in (i, j, k) order, the order of `neighbor_list`.
+
+    Args:
+      frac: [n_atoms, 3] fractional coordinates in [0, 1).
+      cell: [3, 3] rows are lattice vectors.
+      atom_mask: [n_atoms] bool, False for padding atoms.
+      cutoff: radius in A (static).
+      max_shift: static image range per axis; enough when
+        ``max_shift >= floor(cutoff * |b*_a|) + 1`` for each reciprocal vector b*_a.
+      max_edges: static number of edge slots.
+
+    Returns:
+      dict with ``receivers``, ``senders`` [max_edges] int32, ``shifts`` [max_edges, 3]
+      int32, ``distances`` [max_edges], ``mask`` [max_edges] bool, ``num_edges`` (the true
+      count, may exceed max_edges), ``overflow`` (bool: edges were dropped) and
+      ``complete`` (bool: max_shift covers the cutoff for this cell).
+    """
+    import jax.numpy as jnp
+
+    n = frac.shape[0]
+    shifts = jnp.asarray(_shift_grid([max_shift] * 3), dtype=jnp.int32)  # [S, 3]
+    S = shifts.shape[0]
+    d = frac[None, :, None, :] + shifts[None, None].astype(frac.dtype) - frac[:, None, None, :]
+    vec = jnp.einsum("ijsa,ab->ijsb", d, cell)  # [n, n, S, 3]
+    r = safe_norm(vec)  # [n, n, S]
+    zero = (2 * max_shift + 1) ** 3 // 2
+    self_pair = jnp.eye(n, dtype=bool)[:, :, None] & (jnp.arange(S) == zero)[None, None, :]
+    pair_ok = atom_mask[:, None, None] & atom_mask[None, :, None]
+    keep = (r < cutoff) & pair_ok & ~self_pair  # [n, n, S]
+    flat = keep.reshape(-1)
+    (idx,) = jnp.nonzero(flat, size=max_edges, fill_value=0)
+    num = jnp.sum(flat)
+    mask = jnp.arange(max_edges) < num
+    i = idx // (n * S)
+    j = (idx // S) % n
+    s = idx % S
+    recip_norms = jnp.linalg.norm(jnp.linalg.inv(cell), axis=0)
+    complete = jnp.all(jnp.floor(cutoff * recip_norms) + 1 <= max_shift)
+    return {
+        "receivers": jnp.where(mask, i, 0).astype(jnp.int32),
+        "senders": jnp.where(mask, j, 0).astype(jnp.int32),
+        "shifts": jnp.where(mask[:, None], shifts[s], 0),
+        "distances": jnp.where(mask, r.reshape(-1)[idx], 0.0),
+        "mask": mask,
+        "num_edges": num,
+        "overflow": num > max_edges,
+        "complete": complete,
+    }

@@ -1,0 +1,1 @@
+"""Evaluation and benchmarks for autoperi-jax: CDVAE-protocol metrics, reports, plots."""

@@ -1,0 +1,1 @@
+"""Training for autoperi-jax: the train loop, sharding, checkpoints, configs."""
