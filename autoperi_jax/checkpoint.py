@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["Checkpointer", "save_pytree", "load_pytree", "to_jsonable"]
+__all__ = ["Checkpointer", "load_pytree", "save_pytree", "to_jsonable"]
 
 
 def to_jsonable(x: Any) -> Any:
