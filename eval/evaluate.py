@@ -1,0 +1,431 @@
+"""Runs the metrics of `eval.metrics` for one task: reconstruction, generation, conditional.
+
+`evaluate` takes already-loaded `StructureSet` objects (see `eval.samples`) and an
+`EvalOptions` that records every protocol choice; the result carries the metrics, the
+per-seed details and the per-structure features the report plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+
+from eval import metrics as M
+from eval.fingerprints import cdvae_comp_scale, composition_fingerprints, structure_fingerprints
+from eval.samples import StructureSet
+
+__all__ = ["EvalOptions", "EvalResult", "align_predictions", "evaluate"]
+
+TASKS = ("recon", "gen", "cond")
+
+
+@dataclasses.dataclass
+class EvalOptions:
+    """Every protocol choice of an evaluation; written to metrics.json as is.
+
+    Attributes:
+      task: ``recon`` (reconstruction), ``gen`` (unconditional generation) or ``cond``
+        (conditional generation: ``gen`` plus property / space-group targeting).
+      dataset_name: selects the coverage cut-offs (`metrics.COV_CUTOFFS`).
+      struct_cutoff, comp_cutoff: coverage cut-offs; default from ``dataset_name``.
+      match_tolerances: StructureMatcher tolerances for reconstruction (CDVAE's).
+      novelty_tolerances: StructureMatcher tolerances for uniqueness and novelty.
+      symprec: spglib tolerance (A) for every space group.
+      min_distance, min_volume: structural-validity cut-offs (A, A^3).
+      n_draw: samples per EMD draw (CDVAE: 1,000).
+      num_seeds, first_seed: EMD draws use seeds first_seed .. first_seed + num_seeds - 1.
+      fingerprint_validity: a failing CrystalNN fingerprint makes a crystal invalid (CDVAE).
+      require_reference_valid: reconstruction counts a pair only if the reference is valid
+        too (DiffCSP's variant; CDVAE: False).
+      lattice_cell: ``niggli`` compares Niggli-reduced cells in lattice_mae, ``as_given``
+        the cells as written.
+      unique_novel_on: samples considered for uniqueness / novelty: ``valid`` or
+        ``constructed``.
+      property: property name for the property EMD (values read from the samples' and the
+        reference's files).
+      property_source: where the property values come from (recorded, not interpreted).
+      target, tolerance: conditional task: target property value (else per-sample
+        ``target_<property>``) and hit tolerance.
+      sampling_time_s: wall time spent generating the samples (for time per valid sample).
+    """
+
+    task: str = "gen"
+    dataset_name: str | None = None
+    struct_cutoff: float | None = None
+    comp_cutoff: float | None = None
+    match_tolerances: dict[str, float] = dataclasses.field(
+        default_factory=lambda: dict(M.CDVAE_MATCHER)
+    )
+    novelty_tolerances: dict[str, float] = dataclasses.field(
+        default_factory=lambda: dict(M.NOVELTY_MATCHER)
+    )
+    symprec: float = 0.1
+    min_distance: float = 0.5
+    min_volume: float = 0.1
+    n_draw: int = 1000
+    num_seeds: int = 10
+    first_seed: int = 0
+    fingerprint_validity: bool = True
+    require_reference_valid: bool = False
+    lattice_cell: str = "niggli"
+    unique_novel_on: str = "valid"
+    property: str | None = None
+    property_source: str = "values stored with the samples and with the reference set"
+    target: float | None = None
+    tolerance: float | None = None
+    sampling_time_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.lattice_cell not in ("niggli", "as_given"):
+            raise ValueError("lattice_cell must be 'niggli' or 'as_given'")
+        if self.unique_novel_on not in ("valid", "constructed"):
+            raise ValueError("unique_novel_on must be 'valid' or 'constructed'")
+        cut = M.COV_CUTOFFS.get(self.dataset_name or "")
+        if cut is not None:
+            if self.struct_cutoff is None:
+                self.struct_cutoff = cut[0]
+            if self.comp_cutoff is None:
+                self.comp_cutoff = cut[1]
+
+    def seeds(self) -> list[int]:
+        """The EMD draw seeds."""
+        return list(range(self.first_seed, self.first_seed + self.num_seeds))
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """Metrics plus what the report needs to draw them."""
+
+    options: EvalOptions
+    metrics: dict[str, Any]
+    details: dict[str, Any]
+    samples: StructureSet
+    reference: StructureSet
+    sample_features: M.Features
+    reference_features: M.Features
+    sample_valid: np.ndarray
+    reference_valid: np.ndarray
+    sample_property: np.ndarray | None = None
+    reference_property: np.ndarray | None = None
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.t[name] = timer.t.get(name, 0.0) + time.perf_counter() - self.start
+
+        return _Ctx()
+
+
+def align_predictions(preds: StructureSet, refs: StructureSet) -> tuple[StructureSet, str, int]:
+    """Aligns reconstruction predictions with references.
+
+    By name when every name on both sides is unique and the prediction names are a
+    subset of the reference names (missing predictions become ``None``: unmatched); else
+    by order, which needs equal lengths.
+
+    Returns:
+      (predictions in reference order, "name" or "order", number of missing predictions).
+    """
+    pn, rn = preds.names, refs.names
+    if len(set(pn)) == len(pn) and len(set(rn)) == len(rn) and set(pn) <= set(rn):
+        where = {n: i for i, n in enumerate(pn)}
+        crystals = [preds.crystals[where[n]] if n in where else None for n in rn]
+        errors = [
+            preds.errors[where[n]] if n in where else "no prediction with this name" for n in rn
+        ]
+        aligned = StructureSet(crystals, list(rn), errors, preds.source)
+        return aligned, "name", len(rn) - len(pn)
+    if len(pn) != len(rn):
+        raise ValueError(
+            f"cannot align {len(pn)} predictions with {len(rn)} references: the names do not "
+            "match (or are not unique) and the counts differ"
+        )
+    return preds, "order", 0
+
+
+def _valid_mask(f: M.Features, fp_ok: np.ndarray | None, opts: EvalOptions) -> np.ndarray:
+    valid = f.comp_valid & f.struct_valid
+    if opts.fingerprint_validity and fp_ok is not None:
+        valid = valid & fp_ok
+    return valid
+
+
+def _finite(x: float | None) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def evaluate(
+    samples: StructureSet,
+    reference: StructureSet,
+    options: EvalOptions,
+    train: StructureSet | None = None,
+    workers: int | None = None,
+    cache_dir: str | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluates samples against a reference set with the CDVAE protocol.
+
+    Args:
+      samples: generated (``gen`` / ``cond``) or reconstructed (``recon``) structures.
+      reference: test split (``gen``: coverage / EMD reference; ``recon``: ground truth).
+      options: the protocol (`EvalOptions`).
+      train: training split for novelty (optional).
+      workers: processes (default: every core).
+      cache_dir: fingerprint cache folder.
+      use_cache: read / write the fingerprint cache.
+      progress: progress bars.
+    """
+    if options.task == "recon":
+        return _evaluate_recon(samples, reference, options, workers, cache_dir, use_cache, progress)
+    return _evaluate_gen(
+        samples, reference, options, train, workers, cache_dir, use_cache, progress
+    )
+
+
+def _fps(ss: StructureSet, workers, cache_dir, use_cache, progress, comp: bool = True):
+    s_fp, s_ok = structure_fingerprints(
+        ss.crystals, workers=workers, cache_dir=cache_dir, use_cache=use_cache, progress=progress
+    )
+    if not comp:
+        return s_fp, s_ok, None, None
+    c_fp, c_ok = composition_fingerprints(
+        ss.crystals, workers=workers, cache_dir=cache_dir, use_cache=use_cache, progress=progress
+    )
+    return s_fp, s_ok, c_fp, c_ok
+
+
+def _evaluate_gen(samples, reference, opts, train, workers, cache_dir, use_cache, progress):
+    timer = _Timer()
+    feat_kw = dict(
+        symprec=opts.symprec, min_distance=opts.min_distance, min_volume=opts.min_volume,
+        workers=workers, progress=progress,
+    )  # fmt: skip
+    with timer("features"):
+        sf = M.compute_features(samples.crystals, desc="samples: validity", **feat_kw)
+        rf = M.compute_features(reference.crystals, desc="reference: validity", **feat_kw)
+    with timer("fingerprints"):
+        s_sfp, s_sok, s_cfp, s_cok = _fps(samples, workers, cache_dir, use_cache, progress)
+        r_sfp, r_sok, r_cfp, r_cok = _fps(reference, workers, cache_dir, use_cache, progress)
+    fp_ok = s_sok & s_cok
+    valid = _valid_mask(sf, fp_ok, opts)
+    ref_valid = _valid_mask(rf, r_sok & r_cok, opts)
+    metrics: dict[str, Any] = {}
+    details: dict[str, Any] = {}
+    v = M.validity_rates(sf, fp_ok if opts.fingerprint_validity else None)
+    metrics.update(
+        struct_validity=v["struct_validity"],
+        comp_validity=v["comp_validity"],
+        validity=v["validity"],
+        n_samples=len(samples),
+        n_valid=v["n_valid"],
+        n_unreadable=samples.n_unreadable,
+        n_fingerprint_failed=int((~fp_ok).sum()),
+        n_reference=len(reference),
+        reference_comp_validity=float(rf.comp_valid.mean()),
+        reference_struct_validity=float(rf.struct_valid.mean()),
+        reference_validity=float(ref_valid.mean()),
+    )
+    details["reference_comp_invalid"] = [reference.names[i] for i in np.flatnonzero(~rf.comp_valid)]
+
+    # Coverage over all generated crystals (CDVAE compute_cov; see metrics.coverage).
+    with timer("coverage"):
+        if opts.struct_cutoff is not None and opts.comp_cutoff is not None:
+            ref_fp_ok = r_sok & r_cok
+            if not ref_fp_ok.all():
+                details["reference_fingerprint_failed"] = [
+                    reference.names[i] for i in np.flatnonzero(~ref_fp_ok)
+                ]
+            cov = M.coverage(
+                s_sfp, s_cfp, r_sfp[ref_fp_ok], r_cfp[ref_fp_ok], opts.struct_cutoff,
+                opts.comp_cutoff, sample_ok=fp_ok, num_generated=len(samples),
+            )  # fmt: skip
+            metrics.update(cov)
+        else:
+            details["coverage_note"] = (
+                "coverage skipped: no cut-offs (pass --dataset-name mp_20|perov_5|carbon_24 or "
+                "--struct-cutoff/--comp-cutoff)"
+            )
+
+    # EMDs: drawn valid samples vs every reference crystal (CDVAE GenEval).
+    with timer("emd"):
+        emds = {
+            "density": M.emd_report(sf.density, rf.density, valid, opts.n_draw, opts.seeds()),
+            "num_elements": M.emd_report(
+                sf.n_elements.astype(float), rf.n_elements.astype(float), valid, opts.n_draw,
+                opts.seeds(),
+            ),
+        }  # fmt: skip
+        s_prop = r_prop = None
+        if opts.property:
+            if samples.has_property(opts.property) and reference.has_property(opts.property):
+                s_prop = samples.property_values(opts.property)
+                r_prop = reference.property_values(opts.property)
+                emds["property"] = M.emd_report(s_prop, r_prop, valid, opts.n_draw, opts.seeds())
+            else:
+                details["property_note"] = (
+                    f"property {opts.property!r} is missing from the samples or the reference; "
+                    "property EMD not computed (pass values predicted by a property model)"
+                )
+        for k, e in emds.items():
+            metrics[f"emd_{k}"] = _finite(e["mean"])
+            metrics[f"emd_{k}_std"] = _finite(e["std"])
+            metrics[f"emd_{k}_all_valid"] = _finite(e["all_valid"])
+        details["emd"] = emds
+
+        # CDVAE's diversity on the same draws.
+        vidx = np.flatnonzero(valid)
+        sdiv, cdiv = [], []
+        for seed in opts.seeds():
+            idx = M.draw_indices(len(vidx), opts.n_draw, seed)
+            if idx is None:
+                break
+            sel = vidx[idx]
+            sdiv.append(M.fingerprint_diversity(s_sfp[sel]))
+            cdiv.append(M.fingerprint_diversity(cdvae_comp_scale(s_cfp[sel])))
+        metrics["struct_diversity"] = _finite(np.mean(sdiv)) if sdiv else None
+        metrics["comp_diversity"] = _finite(np.mean(cdiv)) if cdiv else None
+
+    # Uniqueness / novelty.
+    considered = valid if opts.unique_novel_on == "valid" else sf.constructed
+    with timer("uniqueness"):
+        u = M.uniqueness(
+            samples.crystals, sf.formula, considered, opts.novelty_tolerances, workers, progress
+        )
+        metrics["uniqueness"] = u["uniqueness"]
+    if train is not None:
+        with timer("novelty"):
+            tcrys = [c for c in train.crystals if c is not None]
+            tform = [M.reduced_formula(c) for c in tcrys]
+            nv = M.novelty(
+                samples.crystals, sf.formula, tcrys, tform, considered,
+                opts.novelty_tolerances, workers, progress,
+            )  # fmt: skip
+            metrics["novelty"] = nv["novelty"]
+            un = considered & u["is_first"] & nv["is_novel"]
+            metrics["unique_novel_rate"] = (
+                float(un.sum() / considered.sum()) if considered.any() else 0.0
+            )
+            t_sfp, t_sok, t_cfp, t_cok = _fps(train, workers, cache_dir, use_cache, progress)
+            sel = np.flatnonzero(considered & fp_ok)
+            t_use = t_sok & t_cok
+            d_s, _ = M.nearest_distance(s_sfp[sel], t_sfp[t_use])
+            d_c, _ = M.nearest_distance(
+                cdvae_comp_scale(s_cfp[sel]), cdvae_comp_scale(t_cfp[t_use])
+            )
+            metrics["novelty_distance_struct"] = _finite(d_s.mean()) if len(sel) else None
+            metrics["novelty_distance_comp"] = _finite(d_c.mean()) if len(sel) else None
+            metrics["n_train"] = len(train)
+
+    sg = M.spacegroup_distribution(sf.spacegroup[valid], rf.spacegroup)
+    metrics["spacegroup_total_variation"] = sg.get("total_variation")
+    details["spacegroup_distribution"] = sg
+
+    total = opts.sampling_time_s
+    if total is None and samples.has_property("sampling_time_s"):
+        t = samples.property_values("sampling_time_s")
+        total = float(np.nansum(t))
+        details["sampling_time_note"] = "sum of the samples' 'sampling_time_s' values"
+    metrics["time_per_valid_structure_s"] = _finite(
+        M.time_per_valid_structure(total, int(valid.sum()))
+    )
+
+    if opts.task == "cond":
+        cond: dict[str, Any] = {}
+        if opts.property and s_prop is not None:
+            if opts.target is not None:
+                targets = np.full(len(samples), float(opts.target))
+            else:
+                targets = samples.property_values(f"target_{opts.property}")
+            cond.update(M.conditional_metrics(s_prop, targets, valid, opts.tolerance))
+        if samples.has_property("target_spacegroup"):
+            tsg = samples.property_values("target_spacegroup")
+            ok = valid & np.isfinite(tsg)
+            cond["spacegroup_target_rate"] = (
+                float((sf.spacegroup[ok] == tsg[ok]).sum() / valid.sum()) if valid.any() else 0.0
+            )
+        if not cond:
+            details["cond_note"] = (
+                "no conditional targets found: give --property with --target, or per-sample "
+                "'target_<property>' / 'target_spacegroup' values"
+            )
+        metrics.update(cond)
+
+    return EvalResult(
+        options=opts, metrics=metrics, details=details, samples=samples, reference=reference,
+        sample_features=sf, reference_features=rf, sample_valid=valid, reference_valid=ref_valid,
+        sample_property=s_prop, reference_property=r_prop, timings=timer.t,
+    )  # fmt: skip
+
+
+def _evaluate_recon(preds, refs, opts, workers, cache_dir, use_cache, progress):
+    timer = _Timer()
+    preds, how, n_missing = align_predictions(preds, refs)
+    feat_kw = dict(
+        symprec=opts.symprec, min_distance=opts.min_distance, min_volume=opts.min_volume,
+        workers=workers, progress=progress,
+    )  # fmt: skip
+    with timer("features"):
+        pf = M.compute_features(preds.crystals, desc="predictions: validity", **feat_kw)
+        rf = M.compute_features(refs.crystals, desc="references: validity", **feat_kw)
+    p_ok = r_ok = None
+    if opts.fingerprint_validity:
+        with timer("fingerprints"):
+            _, p_ok, _, _ = _fps(preds, workers, cache_dir, use_cache, progress, comp=False)
+            _, r_ok, _, _ = _fps(refs, workers, cache_dir, use_cache, progress, comp=False)
+    pv = _valid_mask(pf, p_ok, opts)
+    rv = _valid_mask(rf, r_ok, opts)
+    with timer("matching"):
+        rec = M.reconstruction_metrics(
+            preds.crystals, refs.crystals, pv, rv, opts.match_tolerances,
+            opts.require_reference_valid, workers, progress,
+        )  # fmt: skip
+    lat_p = pf.lattice_niggli if opts.lattice_cell == "niggli" else pf.lattice
+    lat_r = rf.lattice_niggli if opts.lattice_cell == "niggli" else rf.lattice
+    v = M.validity_rates(pf, p_ok)
+    metrics: dict[str, Any] = {
+        "match_rate": rec["match_rate"],
+        "rmse": _finite(rec["rmse"]),
+        "match_rate_ceiling": rec["match_rate_ceiling"],
+        "n_reference": len(refs),
+        "n_matched": rec["n_matched"],
+        "n_missing_predictions": n_missing,
+        "alignment": how,
+        "pred_struct_validity": v["struct_validity"],
+        "pred_comp_validity": v["comp_validity"],
+        "pred_validity": v["validity"],
+        "reference_validity": float(rv.mean()),
+        "lattice_mae": M.lattice_mae(lat_p, lat_r, pf.constructed & rf.constructed),
+        "lattice_mae_matched": M.lattice_mae(lat_p, lat_r, np.isfinite(rec["rms"])),
+        "spacegroup_preserved": M.spacegroup_preserved(
+            pf.spacegroup, rf.spacegroup, pf.constructed
+        )["spacegroup_preserved"],
+    }
+    details = {
+        "rms": rec["rms"].tolist(),
+        "reference_invalid": [refs.names[i] for i in np.flatnonzero(~rv)],
+    }
+    return EvalResult(
+        options=opts, metrics=metrics, details=details, samples=preds, reference=refs,
+        sample_features=pf, reference_features=rf, sample_valid=pv, reference_valid=rv,
+        timings=timer.t,
+    )  # fmt: skip
