@@ -509,10 +509,14 @@ def load_dataset(
     cache_root = Path(
         cache_dir or os.environ.get("AUTOPERI_CACHE") or Path.home() / ".cache" / "autoperi_jax"
     )
-    cache_file = cache_root / f"{path.name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
+    # Named by content and settings only, so a copy of the same file elsewhere hits too.
+    cache_file = cache_root / f"graphs-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
     if use_cache and cache_file.exists():
         try:
-            return GraphDataset.load(cache_file)
+            cached = GraphDataset.load(cache_file)
+            # the same bytes may have been cached from another location
+            cached.source = str(path)
+            return cached
         except Exception as e:  # a damaged cache is rebuilt, never trusted
             warnings.warn(f"ignoring unreadable cache {cache_file}: {e}", stacklevel=2)
 

@@ -192,6 +192,11 @@ def test_cache_hit_key_and_corruption(perov_rows, tmp_path, monkeypatch):
         for x, y in zip(ga, gb):
             np.testing.assert_array_equal(x, y)
     assert a.ids == b.ids and a.property_names == b.property_names
+    # same bytes elsewhere: a cache hit that reports where the data was read this time
+    moved = tmp_path / "moved.csv"
+    moved.write_bytes((tmp_path / "c.csv").read_bytes())
+    assert load_dataset(str(moved), cache_dir=cache, progress=False).source == str(moved)
+    assert len(list(cache.glob("*.npz"))) == 1
     # another setting -> another entry
     load_dataset(path, cache_dir=cache, settings=GraphSettings(cutoff=4.0), progress=False)
     assert len(list(cache.glob("*.npz"))) == 2
