@@ -1,0 +1,908 @@
+"""Pure functions around `autoperi_jax.nn.Autoencoder`: layouts, losses, decoding.
+
+Everything here is a pure function or a factory returning one (jax-md style), so the
+training step, the sharded trainer of a later issue and user code share it:
+
+* `make_loss_fn(model, settings, normalisers)` -> ``loss_fn(params, batch, key)``;
+* `make_reconstruct_fn(model, settings, normalisers)` -> ``reconstruct(params, batch,
+  key)``: encode, then decode lattice -> composition -> coordinates -> bonds;
+* `decoded_to_crystals` turns the padded decoder output into `Crystal` objects.
+
+Losses (method section 2.3), every one masked for padding graphs / atoms / edges:
+
+* ``L_lattice``: mean squared error of the standardised lattice vector y (`cell_to_y`);
+* ``L_atom``: cross-entropy of the atom count plus the mean cross-entropy of the species
+  of every atom slot (atoms sorted by atomic number);
+* ``L_coord``: conditional flow matching on the flat torus (Lipman et al., ICLR 2023;
+  FlowMM, Miller et al., ICML 2024): x_0 ~ U[0,1)^{3n}, w = wrap(x_1 - x_0) the shortest
+  periodic displacement, made mean-free per crystal (z is translation invariant, so the
+  global translation is not decodable: removing it gives every crystal one straight
+  path to a translate of itself), x_t = (x_0 + t w) mod 1, target velocity w:
+  ``L_coord = sum_i |v(x_t, t | z) - w_i|^2 / n`` in fractional units;
+* ``L_connect``: binary cross-entropy of every candidate periodic edge (i, j, k_ij) within
+  ``connect_cutoff`` of the true structure against the covalent-radius bond criterion
+  ``d_ij < (1 + bond_tolerance) (r_cov(Z_i) + r_cov(Z_j))`` (radii of
+  `autoperi_jax.elements`).
+
+Decoding integrates dx/dt = v(x, t | z) with ``num_steps`` Euler steps on the torus
+(one velocity evaluation per step). By default the network predicts the displacement to
+the end point and v = D / (1 - t) (``ModelSettings.flow_target``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from autoperi_jax.crystal import Crystal, lattice_params_to_cell, wrap_frac
+from autoperi_jax.elements import atom_features
+from autoperi_jax.graph import node_graph_index
+from autoperi_jax.nn.autoencoder import Autoencoder
+
+__all__ = [
+    "ModelSettings",
+    "align_translation",
+    "bond_targets",
+    "cell_to_y",
+    "compute_normalisers",
+    "couple",
+    "decoded_bonds",
+    "decoded_to_crystals",
+    "dense_layout",
+    "dense_velocity",
+    "flow_path",
+    "init_params",
+    "lattice_from_y",
+    "make_loss_fn",
+    "make_reconstruct_fn",
+    "ot_pair",
+    "periodic_candidates",
+    "sort_by_species",
+    "wrap_centered",
+]
+
+Array = jnp.ndarray
+_ATOM_FEATURES = atom_features(np.arange(119))  # [119, 3]; row 0 (padding) is zeros
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """Static settings of the losses and of decoding (from the config, at the edge).
+
+    Attributes:
+      max_atoms: atom slots A (must match the model's ``max_atoms``).
+      flow_cutoff: cutoff (A) of the velocity field's in-jit neighbour list (= the
+        model's ``dec_cutoff``).
+      flow_max_shift: image range per axis of that list (`dense_neighbor_list`).
+      flow_edges_per_crystal: average edge budget per crystal of that list (the batch
+        holds ``G * flow_edges_per_crystal`` slots; `periodic_candidates`).
+      connect_cutoff, connect_max_shift, connect_edges_per_crystal: the same for bond
+        candidates.
+      bond_tolerance: relative tolerance of the covalent-radius bond criterion.
+      num_steps: Euler steps (velocity evaluations) of the coordinate decoder.
+      lambda_lattice, lambda_atom, lambda_coord, lambda_connect: loss weights
+        lambda_1..lambda_4 of the method.
+      kl_weight: beta of the KL term (Gaussian posterior only).
+      z_l2: weight of an L2 penalty on z (deterministic posterior).
+      z_noise: std of Gaussian noise added to z in training (deterministic posterior).
+      time_power: flow times are sampled as t = u ** time_power, u ~ U(0, 1); values
+        below 1 put more training signal near the data end (t -> 1).
+      flow_target: ``'endpoint'`` (default): the network predicts the displacement
+        D = x_1 - x_t to the end of the path and v = D / max(1 - t, t_floor); or
+        ``'velocity'``: the network output is v itself. Both are trained with the same
+        velocity loss |v - w|^2 (so ``'endpoint'`` weights the end-point error by
+        1 / max(1 - t, t_floor)^2). The endpoint form suits an equivariant network: near
+        t = 1 an atom next to a symmetric site needs a small displacement, whereas the
+        constant straight-line velocity would have to be read off a vanishing asymmetry
+        and amplified by 1 / (1 - t). With ``num_steps`` Euler steps the last step lands
+        exactly on the predicted end point.
+      t_floor: lower bound of 1 - t in the endpoint division (<= 1 / num_steps).
+      ot_max_atoms: pair noise and data atoms of the same species optimally (`ot_pair`)
+        when ``max_atoms`` is at most this (exact search over max_atoms! pairings).
+      ot_translation: translate each data crystal to the noise (`align_translation`).
+      ot_rounds: alternations of translation alignment and pairing (0 = independent
+        coupling, plain flow matching).
+      flow_prior: where the flow starts: ``'uniform'`` noise on the torus, or
+        ``'learned'``: the `CoordinateGuess` of z plus wrapped Gaussian noise of std
+        ``prior_noise`` (fractional). The latent flow of the generative model samples z,
+        so the decoder may be (nearly) deterministic; starting from a guess turns the
+        flow into an equivariant refinement and avoids registering the structure onto
+        uniform noise, which the velocity field learns slowly.
+      prior_noise: std of the noise added to the learned prior.
+      lambda_guess: weight of the guess loss (min over translations and same-species
+        pairings of the squared periodic error) inside ``L_coord``.
+    """
+
+    max_atoms: int = 20
+    flow_cutoff: float = 5.0
+    flow_max_shift: int = 2
+    flow_edges_per_crystal: int = 128
+    connect_cutoff: float = 5.0
+    connect_max_shift: int = 2
+    connect_edges_per_crystal: int = 128
+    bond_tolerance: float = 0.25
+    num_steps: int = 20
+    lambda_lattice: float = 1.0
+    lambda_atom: float = 1.0
+    lambda_coord: float = 10.0
+    lambda_connect: float = 0.1
+    kl_weight: float = 1e-3
+    z_l2: float = 0.0
+    z_noise: float = 0.0
+    time_power: float = 1.0
+    flow_target: str = "endpoint"
+    t_floor: float = 0.05
+    ot_max_atoms: int = 6
+    ot_translation: bool = True
+    ot_rounds: int = 2
+    flow_prior: str = "learned"
+    prior_noise: float = 0.03
+    lambda_guess: float = 1.0
+
+
+# --------------------------------------------------------------------------- lattice
+def cell_to_y(lattice: Any) -> Any:
+    """Unstandardised lattice vector of the canonical (lower-triangular) cell.
+
+    Args:
+      lattice: [..., 6] lattice parameters (A, degrees); numpy or jax.
+
+    Returns:
+      [..., 6]: log L00, log L11, log L22, L10 / L11, L20 / L22, L21 / L22 of
+      ``L = lattice_params_to_cell(lattice)`` (a along x, b in the xy plane).
+    """
+    xp = jnp if isinstance(lattice, jax.Array) else np
+    L = lattice_params_to_cell(lattice)
+    d0, d1, d2 = L[..., 0, 0], L[..., 1, 1], L[..., 2, 2]
+    d2 = xp.maximum(d2, 1e-6)
+    return xp.stack(
+        [
+            xp.log(d0),
+            xp.log(d1),
+            xp.log(d2),
+            L[..., 1, 0] / d1,
+            L[..., 2, 0] / d2,
+            L[..., 2, 1] / d2,
+        ],
+        axis=-1,
+    )
+
+
+def lattice_from_y(y: Array, normalisers: dict[str, Any]) -> Array:
+    """Cell from a standardised lattice vector; always a valid right-handed cell.
+
+    Args:
+      y: [..., 6] standardised output of the lattice decoder.
+      normalisers: ``lattice_mean`` / ``lattice_std`` [6] (`compute_normalisers`).
+
+    Returns:
+      [..., 3, 3] lower-triangular cell with positive diagonal (det > 0).
+    """
+    y = y * jnp.asarray(normalisers["lattice_std"]) + jnp.asarray(normalisers["lattice_mean"])
+    # Clip the logs so that an untrained head cannot overflow exp().
+    d = jnp.exp(jnp.clip(y[..., :3], -3.0, 5.0))
+    zero = jnp.zeros_like(d[..., 0])
+    rows = [
+        jnp.stack([d[..., 0], zero, zero], -1),
+        jnp.stack([y[..., 3] * d[..., 1], d[..., 1], zero], -1),
+        jnp.stack([y[..., 4] * d[..., 2], y[..., 5] * d[..., 2], d[..., 2]], -1),
+    ]
+    return jnp.stack(rows, -2)
+
+
+def compute_normalisers(graphs: Sequence[Any], min_std: float = 1e-3) -> dict[str, list[float]]:
+    """Statistics of the training set needed to decode (saved with checkpoints).
+
+    Args:
+      graphs: `autoperi_jax.graph.CrystalGraph` records of the training split.
+      min_std: floor of the standard deviations (Perov-5 cells are all cubic, so the
+        off-diagonal entries have zero spread).
+
+    Returns:
+      JSON-able dict: ``lattice_mean``, ``lattice_std`` [6].
+    """
+    from autoperi_jax.crystal import cell_to_lattice_params
+
+    cells = np.stack([np.asarray(g.cell, np.float64) for g in graphs])
+    y = cell_to_y(cell_to_lattice_params(cells))
+    return {
+        "lattice_mean": y.mean(0).tolist(),
+        "lattice_std": np.maximum(y.std(0), min_std).tolist(),
+    }
+
+
+# ---------------------------------------------------------------------------- layouts
+def dense_layout(graph, max_atoms: int) -> dict[str, Array]:
+    """Per-crystal dense arrays [G, A] of a padded `jraph.GraphsTuple`.
+
+    Node ``n`` of graph ``g`` goes to slot ``n - offset[g]``; the padding graph's nodes and
+    slots past ``max_atoms`` are dropped (the host checks the atom budget).
+
+    Returns:
+      dict: ``numbers`` [G, A] int32, ``frac`` [G, A, 3], ``features`` [G, A, 3], ``mask``
+      [G, A] bool, ``n_atoms`` [G] int32 (0 for padding graphs), ``cell`` [G, 3, 3].
+    """
+    nodes = graph.nodes
+    n_total = nodes["numbers"].shape[0]
+    G, A = graph.n_node.shape[0], max_atoms
+    node_graph = node_graph_index(graph.n_node, n_total)  # [N]
+    offsets = jnp.cumsum(graph.n_node) - graph.n_node  # [G]
+    slot = jnp.arange(n_total) - offsets[node_graph]  # [N]
+    ok = nodes["mask"] & (slot < A) & graph.globals["mask"][node_graph]
+    flat = jnp.where(ok, node_graph * A + slot, G * A)  # out of range -> dropped
+
+    def scatter(x, fill=0):
+        out = jnp.full((G * A, *x.shape[1:]), fill, x.dtype)
+        return out.at[flat].set(x, mode="drop").reshape(G, A, *x.shape[1:])
+
+    n_atoms = jnp.where(graph.globals["mask"], jnp.minimum(graph.n_node, A), 0)
+    return {
+        "numbers": scatter(nodes["numbers"]),
+        "frac": scatter(nodes["frac_coords"]),
+        "features": scatter(nodes["features"]),
+        "mask": scatter(ok, False),
+        "n_atoms": n_atoms.astype(jnp.int32),
+        "cell": graph.globals["cell"],
+    }
+
+
+def periodic_candidates(
+    frac: Array,  # [G, A, 3]
+    cell: Array,  # [G, 3, 3]
+    mask: Array,  # [G, A] bool
+    cutoff: float,
+    max_shift: int,
+    edges_per_crystal: int,
+) -> dict[str, Array]:
+    """In-jit periodic neighbour list of a batch of dense crystals, as one edge list.
+
+    Every ordered atom pair of a crystal and every image in ``[-max_shift, max_shift]^3``
+    with distance < ``cutoff`` is an edge (no zero-shift self pair), as in
+    `autoperi_jax.graph.dense_neighbor_list`, but the edges of the whole batch are
+    compacted into one budget of ``G * edges_per_crystal`` slots: per-crystal counts vary
+    a lot with the cell volume while batch totals do not, so this wastes far fewer slots
+    on padding. Edges are ordered by (crystal, i, j, k); if the batch overflows, the last
+    crystals lose edges and ``overflow`` says so.
+
+    Args:
+      frac: [G, A, 3] fractional coordinates in [0, 1).
+      cell: [G, 3, 3] cells.
+      mask: [G, A] atom masks.
+      cutoff: radius in A (static).
+      max_shift: static image range per axis; complete when
+        ``max_shift >= floor(cutoff * |b*_a|) + 1`` for each reciprocal vector b*_a.
+      edges_per_crystal: average edge budget per crystal (static).
+
+    Returns:
+      dict with ``senders``, ``receivers`` [M] (flat node index g * A + slot), ``shifts``
+      [M, 3] int32, ``distances`` [M], ``mask`` [M], ``edge_graph`` [M]
+      (M = G * edges_per_crystal), per-crystal ``num_edges`` and ``complete`` [G], and the
+      batch ``overflow`` (bool).
+    """
+    from autoperi_jax.graph import _shift_grid, safe_norm
+
+    G, A = mask.shape
+    shifts = jnp.asarray(_shift_grid([max_shift] * 3), dtype=jnp.int32)  # [S, 3]
+    S = shifts.shape[0]
+    d = (
+        frac[:, None, :, None, :]
+        + shifts[None, None, None].astype(frac.dtype)
+        - frac[:, :, None, None, :]
+    )  # [G, A(i), A(j), S, 3]: f_j + k - f_i
+    r = safe_norm(jnp.einsum("gijsa,gab->gijsb", d, cell))  # [G, A, A, S]
+    zero = S // 2
+    self_pair = jnp.eye(A, dtype=bool)[:, :, None] & (jnp.arange(S) == zero)[None, None, :]
+    pair_ok = mask[:, :, None, None] & mask[:, None, :, None]
+    keep = (r < cutoff) & pair_ok & ~self_pair[None]  # [G, A, A, S]
+    budget = G * edges_per_crystal
+    flat = keep.reshape(-1)
+    (idx,) = jnp.nonzero(flat, size=budget, fill_value=0)
+    num = jnp.sum(keep, axis=(1, 2, 3))  # [G]
+    emask = jnp.arange(budget) < jnp.sum(num)
+    g = idx // (A * A * S)
+    i = (idx // (A * S)) % A
+    j = (idx // S) % A
+    s = idx % S
+    recip_norms = jnp.linalg.norm(jnp.linalg.inv(cell), axis=1)  # [G, 3]
+    complete = jnp.all(jnp.floor(cutoff * recip_norms) + 1 <= max_shift, axis=-1)
+    return {
+        "senders": jnp.where(emask, g * A + j, 0).astype(jnp.int32),
+        "receivers": jnp.where(emask, g * A + i, 0).astype(jnp.int32),
+        "shifts": jnp.where(emask[:, None], shifts[s], 0),
+        "distances": jnp.where(emask, r.reshape(-1)[idx], 0.0),
+        "mask": emask,
+        "edge_graph": jnp.where(emask, g, 0).astype(jnp.int32),
+        "num_edges": num,
+        "complete": complete,
+        "overflow": jnp.sum(num) > budget,
+    }
+
+
+def bond_targets(numbers_i: Array, numbers_j: Array, distances: Array, tolerance: float) -> Array:
+    """Covalent-radius bond criterion d < (1 + tol) (r_i + r_j); [E] bool."""
+    radius = jnp.asarray(_ATOM_FEATURES[:, 1])
+    return distances < (1.0 + tolerance) * (radius[numbers_i] + radius[numbers_j])
+
+
+# ------------------------------------------------------------------------------ flow
+def wrap_centered(x: Array) -> Array:
+    """Shortest periodic representative of a fractional displacement, in [-0.5, 0.5]."""
+    return x - jnp.round(x)
+
+
+def flow_path(
+    x0: Array,  # [G, A, 3]
+    x1: Array,  # [G, A, 3]
+    t: Array,  # [G]
+    mask: Array,  # [G, A] bool
+) -> tuple[Array, Array]:
+    """Point x_t and target velocity of the mean-free geodesic path on the torus.
+
+    Returns:
+      x_t [G, A, 3] in [0, 1) and w [G, A, 3] (0 on padding), with x_1 - mean_w the end
+      of the path (a translate of x_1).
+    """
+    m = mask[..., None].astype(x0.dtype)
+    w = wrap_centered(x1 - x0) * m
+    mean = jnp.sum(w, 1, keepdims=True) / jnp.maximum(jnp.sum(m, 1, keepdims=True), 1.0)
+    w = (w - mean) * m
+    xt = wrap_frac(x0 + t[:, None, None] * w)
+    return xt, w
+
+
+@functools.lru_cache(maxsize=8)
+def _all_permutations(n: int) -> np.ndarray:
+    return np.asarray(list(itertools.permutations(range(n))), np.int32)  # [n!, n]
+
+
+def ot_pair(
+    x0: Array,  # [G, A, 3]
+    x1: Array,  # [G, A, 3]
+    numbers: Array,  # [G, A] int, 0 on padding
+    cell: Array,  # [G, 3, 3]
+) -> Array:
+    """Re-orders the data atoms so each noise atom is paired with a data atom of the same
+    species and the total squared periodic (Cartesian) displacement is minimal.
+
+    Identical atoms are interchangeable, so any pairing is a valid flow-matching coupling;
+    the optimal one gives straighter, less ambiguous paths (equivariant OT flow matching,
+    Klein, Kraemer and Noe, NeurIPS 2023). Exact search over all A! permutations, so
+    only for small ``A`` (`ModelSettings.ot_max_atoms`).
+
+    Returns:
+      [G, A, 3] x1 with rows permuted within each crystal (padding slots stay in place).
+    """
+    G, A = numbers.shape
+    perms = jnp.asarray(_all_permutations(A))  # [P, A]
+    d = wrap_centered(x1[:, None, :, :] - x0[:, :, None, :])  # [G, A(noise), A(data), 3]
+    cost = jnp.sum(jnp.einsum("gija,gab->gijb", d, cell) ** 2, -1)  # [G, A, A]
+    same = numbers[:, :, None] == numbers[:, None, :]
+    cost = jnp.where(same, cost, 1e6)
+    total = jnp.sum(cost[:, jnp.arange(A)[None, :], perms], -1)  # [G, P]
+    best = perms[jnp.argmin(total, -1)]  # [G, A]
+    return jnp.take_along_axis(x1, best[..., None], 1)
+
+
+def align_translation(
+    x0: Array,  # [G, A, 3]
+    x1: Array,  # [G, A, 3]
+    mask: Array,  # [G, A] bool
+    num_starts: int = 16,
+) -> Array:
+    """Translates each data crystal to minimise its squared periodic displacement from the
+    noise, sum_i |wrap(x1_i + c - x0_i)|^2 (fractional, per axis).
+
+    z does not encode the origin, so every translate of x1 is an equally valid end point;
+    choosing the nearest one gives short paths whose end point is far less ambiguous
+    given x_t (the translational part of an OT coupling). Per axis the cost is piecewise
+    quadratic in c with the local optimum c = s - mean(wrap(x1 - x0 + s)) near each
+    start s; the best of ``num_starts`` evenly spaced starts is taken.
+
+    Returns:
+      [G, A, 3] translated x1 in [0, 1) (padding rows unchanged).
+    """
+    m = mask[:, None, :, None].astype(x0.dtype)  # [G, 1, A, 1]
+    count = jnp.maximum(jnp.sum(m, 2), 1.0)  # [G, 1, 1]
+    starts = jnp.arange(num_starts, dtype=x0.dtype)[None, :, None, None] / num_starts
+    d = (x1 - x0)[:, None]  # [G, 1, A, 3]
+    e = wrap_centered(d + starts)  # [G, S, A, 3]
+    c = starts[:, :, 0] - jnp.sum(e * m, 2) / count  # [G, S, 3]
+    cost = jnp.sum(wrap_centered(d + c[:, :, None, :]) ** 2 * m, 2)  # [G, S, 3]
+    best = jnp.take_along_axis(c, jnp.argmin(cost, 1)[:, None, :], 1)  # [G, 1, 3]
+    return jnp.where(mask[..., None], wrap_frac(x1 + best), x1)
+
+
+def couple(
+    x0: Array,  # [G, A, 3]
+    x1: Array,  # [G, A, 3]
+    numbers: Array,  # [G, A]
+    mask: Array,  # [G, A]
+    cell: Array,  # [G, 3, 3]
+    settings: ModelSettings,
+) -> Array:
+    """x1 translated / re-paired to x0 (`align_translation`, `ot_pair`; settings.ot_*)."""
+    A = mask.shape[1]
+    for _ in range(settings.ot_rounds):
+        if settings.ot_translation:
+            x1 = align_translation(x0, x1, mask)
+        if A <= settings.ot_max_atoms:
+            x1 = ot_pair(x0, x1, numbers, cell)
+    return x1
+
+
+def sort_by_species(dense: dict[str, Array]) -> dict[str, Array]:
+    """Dense crystals with the atoms of each crystal sorted by atomic number (empty
+    slots last), the slot order of the composition decoder."""
+    key = jnp.where(dense["mask"], dense["numbers"], 1000)
+    order = jnp.argsort(key, axis=1, stable=True)  # [G, A]
+    out = dict(dense)
+    for k in ("numbers", "frac", "features", "mask"):
+        idx = order.reshape(*order.shape, *([1] * (dense[k].ndim - 2)))
+        out[k] = jnp.take_along_axis(dense[k], idx, 1)
+    return out
+
+
+def _wrapped_normal(key: Array, n_graph: int, shape: tuple[int, ...], std: float) -> Array:
+    return std * _per_graph_normal(key, n_graph, shape)
+
+
+def dense_velocity(
+    model: Autoencoder,
+    params: Any,
+    z: Array,  # [G, D]
+    t: Array,  # [G]
+    numbers: Array,  # [G, A] int
+    feats: Array,  # [G, A, 3]
+    x: Array,  # [G, A, 3]
+    cell: Array,  # [G, 3, 3]
+    mask: Array,  # [G, A] bool
+    settings: ModelSettings,
+    self_cond: Array | None = None,  # [G, A, 3] fractional displacement to previous x1-hat
+) -> tuple[Array, dict[str, Array]]:
+    """The coordinate decoder's velocity field on dense crystals.
+
+    Wraps ``x`` into [0, 1) (so the field is periodic in every atom), builds the in-jit
+    periodic graph (`periodic_candidates`) and evaluates `Autoencoder.velocity`, divided
+    by max(1 - t, t_floor) for the ``'endpoint'`` parameterisation. With a
+    self-conditioned model, ``self_cond`` is the previous end-point prediction minus ``x``
+    (zeros when there is none).
+
+    Returns:
+      fractional velocities [G, A, 3] (mean-free per crystal, 0 on padding) and the
+      candidate edge list.
+    """
+    G, A = mask.shape
+    x = wrap_frac(x)
+    extra = ()
+    if model.self_condition:
+        sc = jnp.zeros_like(x) if self_cond is None else wrap_centered(self_cond)
+        sc = jnp.einsum("gai,gij->gaj", sc * mask[..., None], cell).reshape(-1, 3)
+        extra = (sc,)
+    cand = periodic_candidates(
+        x,
+        cell,
+        mask,
+        settings.flow_cutoff,
+        settings.flow_max_shift,
+        settings.flow_edges_per_crystal,
+    )
+    v = model.apply(
+        params,
+        z,
+        t,
+        numbers.reshape(-1),
+        feats.reshape(-1, 3),
+        x.reshape(-1, 3),
+        cell,
+        jnp.repeat(jnp.arange(G), A),
+        mask.reshape(-1),
+        cand["senders"],
+        cand["receivers"],
+        cand["shifts"],
+        cand["mask"],
+        cand["edge_graph"],
+        *extra,
+        method=Autoencoder.velocity,
+    )
+    v = v.reshape(G, A, 3)
+    if settings.flow_target == "endpoint":
+        v = v / jnp.maximum(1.0 - t, settings.t_floor)[:, None, None]
+    elif settings.flow_target != "velocity":
+        raise ValueError(f"flow_target must be 'endpoint' or 'velocity': {settings.flow_target}")
+    return v, cand
+
+
+def _per_graph_uniform(key: Array, n_graph: int, shape: tuple[int, ...]) -> Array:
+    """[n_graph, *shape] U(0, 1) draws, graph g from ``fold_in(key, g)``: a crystal's
+    randomness does not depend on the batch size or padding around it."""
+    keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(jnp.arange(n_graph))
+    return jax.vmap(lambda k: jax.random.uniform(k, shape))(keys)
+
+
+def _per_graph_normal(key: Array, n_graph: int, shape: tuple[int, ...]) -> Array:
+    """As `_per_graph_uniform`, standard normal."""
+    keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(jnp.arange(n_graph))
+    return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
+
+
+def _masked_mean(x: Array, mask: Array) -> Array:
+    m = mask.astype(x.dtype)
+    return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def _connect_logits(model, params, z, numbers, frac, cell, mask, settings: ModelSettings):
+    cand = periodic_candidates(
+        frac,
+        cell,
+        mask,
+        settings.connect_cutoff,
+        settings.connect_max_shift,
+        settings.connect_edges_per_crystal,
+    )
+    flat_numbers = numbers.reshape(-1)
+    ni, nj = flat_numbers[cand["receivers"]], flat_numbers[cand["senders"]]
+    logits = model.apply(
+        params, z, ni, nj, cand["distances"], cand["edge_graph"], method=Autoencoder.connectivity
+    )
+    return logits, cand, ni, nj
+
+
+# ------------------------------------------------------------------------------ loss
+def make_loss_fn(
+    model: Autoencoder, settings: ModelSettings, normalisers: dict[str, Any]
+) -> Callable[[Any, Any, Array], tuple[Array, dict[str, Array]]]:
+    """Builds the training loss.
+
+    Args:
+      model: the `Autoencoder` (its ``max_atoms`` must equal ``settings.max_atoms``).
+      settings: `ModelSettings`.
+      normalisers: `compute_normalisers` of the training set.
+
+    Returns:
+      ``loss_fn(params, batch, key) -> (loss, metrics)``: pure, jit-able; ``batch`` is a
+      padded `jraph.GraphsTuple`, ``key`` a PRNG key (flow times, noise, posterior
+      samples). ``metrics`` holds every loss term and accuracies, averaged over real
+      graphs / atoms / edges.
+    """
+    if model.max_atoms != settings.max_atoms:
+        raise ValueError(f"model.max_atoms={model.max_atoms} != settings {settings.max_atoms}")
+    mean = jnp.asarray(normalisers["lattice_mean"], jnp.float32)
+    std = jnp.asarray(normalisers["lattice_std"], jnp.float32)
+    A = settings.max_atoms
+
+    def loss_fn(params, batch, key):
+        k_post, k_t, k_x0, k_sc = jax.random.split(key, 4)
+        gmask = batch.globals["mask"]  # [G]
+        gm = gmask.astype(jnp.float32)
+        n_graphs = jnp.maximum(jnp.sum(gm), 1.0)
+        enc = model.apply(params, batch, method=Autoencoder.encode)
+        metrics: dict[str, Array] = {}
+        reg = jnp.zeros(())
+        if model.posterior == "gaussian":
+            mu, logvar = enc["z_mean"], enc["z_logvar"]
+            eps = _per_graph_normal(k_post, mu.shape[0], mu.shape[1:])
+            z = mu + jnp.exp(0.5 * logvar) * eps
+            kl = 0.5 * jnp.sum(jnp.exp(logvar) + mu**2 - 1.0 - logvar, -1)  # [G]
+            metrics["kl"] = jnp.sum(kl * gm) / n_graphs
+            reg = settings.kl_weight * metrics["kl"]
+        else:
+            z = enc["z"]
+            metrics["z_sq"] = jnp.sum(jnp.sum(z**2, -1) * gm) / n_graphs
+            reg = settings.z_l2 * metrics["z_sq"]
+            if settings.z_noise > 0:
+                z = z + settings.z_noise * _per_graph_normal(k_post, z.shape[0], z.shape[1:])
+
+        # Lattice.
+        y_true = (cell_to_y(batch.globals["lattice"]) - mean) / std  # [G, 6]
+        y_pred = model.apply(params, z, method=Autoencoder.decode_lattice)
+        l_lattice = jnp.sum(jnp.mean((y_pred - y_true) ** 2, -1) * gm) / n_graphs
+        cell_pred = lattice_from_y(y_pred, {"lattice_mean": mean, "lattice_std": std})
+        len_true = batch.globals["lattice"][:, :3]
+        len_pred = jnp.linalg.norm(cell_pred, axis=-1)
+        metrics["lattice_mae_A"] = jnp.sum(jnp.mean(jnp.abs(len_pred - len_true), -1) * gm) / (
+            n_graphs
+        )
+
+        # Composition: count, then species of the sorted slots.
+        dense = dense_layout(batch, A)
+        n_atoms, amask = dense["n_atoms"], dense["mask"]
+        count_logits, species_logits = model.apply(
+            params, z, n_atoms, method=Autoencoder.decode_composition
+        )
+        count_target = jnp.clip(n_atoms - 1, 0, A - 1)
+        count_lp = jax.nn.log_softmax(count_logits)
+        l_count = -jnp.sum(jnp.take_along_axis(count_lp, count_target[:, None], 1)[:, 0] * gm)
+        l_count = l_count / n_graphs
+        sorted_numbers = jnp.sort(jnp.where(amask, dense["numbers"], 1000), axis=1)
+        slot_mask = (jnp.arange(A)[None, :] < n_atoms[:, None]) & gmask[:, None]
+        sorted_numbers = jnp.where(slot_mask, sorted_numbers, 0)
+        sp_lp = jax.nn.log_softmax(species_logits)
+        sp_nll = -jnp.take_along_axis(sp_lp, sorted_numbers[..., None], -1)[..., 0]
+        l_species = _masked_mean(sp_nll, slot_mask)
+        l_atom = l_count + l_species
+        metrics["count_acc"] = jnp.sum((jnp.argmax(count_logits, -1) == count_target) * gm) / (
+            n_graphs
+        )
+        metrics["species_acc"] = _masked_mean(
+            (jnp.argmax(species_logits, -1) == sorted_numbers).astype(jnp.float32), slot_mask
+        )
+
+        # Coordinates: flow matching on the torus.
+        G = gmask.shape[0]
+        u = _per_graph_uniform(k_t, G, ())
+        t = u**settings.time_power
+        if settings.flow_prior == "learned":
+            dense = sort_by_species(dense)
+            amask = dense["mask"]
+            guess = model.apply(
+                params, z, dense["numbers"], method=Autoencoder.guess_coordinates
+            )  # [G, A, 3]
+            x1g = couple(
+                jax.lax.stop_gradient(guess), dense["frac"], dense["numbers"], amask,
+                dense["cell"], settings,
+            )  # fmt: skip
+            err = wrap_centered(guess - x1g)
+            metrics["l_guess"] = _masked_mean(jnp.sum(err**2, -1), amask)
+            noise = _wrapped_normal(k_x0, G, (A, 3), settings.prior_noise)
+            x0 = wrap_frac(jax.lax.stop_gradient(guess) + noise)
+        elif settings.flow_prior == "uniform":
+            x0 = _per_graph_uniform(k_x0, G, (A, 3))
+        else:
+            raise ValueError(f"flow_prior must be 'uniform' or 'learned': {settings.flow_prior}")
+        x1 = couple(x0, dense["frac"], dense["numbers"], amask, dense["cell"], settings)
+        xt, target = flow_path(x0, x1, t, amask)
+        vel = functools.partial(
+            dense_velocity,
+            model,
+            params,
+            z,
+            t,
+            dense["numbers"],
+            dense["features"],
+            xt,
+            dense["cell"],
+            amask,
+            settings,
+        )
+        self_cond = None
+        if model.self_condition:
+            # Half of the batches: a first pass without self-conditioning gives the
+            # (gradient-stopped) end-point estimate the second pass is conditioned on.
+            use = jax.random.bernoulli(k_sc)
+            floor = jnp.maximum(1.0 - t, settings.t_floor)[:, None, None]
+            self_cond = jax.lax.cond(
+                use,
+                lambda: jax.lax.stop_gradient(vel(None)[0] * floor),
+                lambda: jnp.zeros_like(xt),
+            )
+        v, cand = vel(self_cond)
+        l_coord = _masked_mean(jnp.sum((v - target) ** 2, -1), amask)
+        metrics["l_flow"] = l_coord
+        if settings.flow_prior == "learned":
+            l_coord = l_coord + settings.lambda_guess * metrics["l_guess"]
+        metrics["flow_overflow"] = cand["overflow"].astype(jnp.float32)
+        metrics["flow_edges"] = jnp.sum(cand["num_edges"] * gm) / n_graphs
+
+        # Connectivity of the true structure.
+        logits, cc, ni, nj = _connect_logits(
+            model, params, z, dense["numbers"], dense["frac"], dense["cell"], amask, settings
+        )
+        bonded = bond_targets(ni, nj, cc["distances"], settings.bond_tolerance)
+        y = bonded.astype(jnp.float32)
+        bce = jnp.maximum(logits, 0) - logits * y + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+        l_connect = _masked_mean(bce, cc["mask"])
+        metrics["connect_acc"] = _masked_mean(
+            ((logits > 0) == bonded).astype(jnp.float32), cc["mask"]
+        )
+
+        loss = (
+            settings.lambda_lattice * l_lattice
+            + settings.lambda_atom * l_atom
+            + settings.lambda_coord * l_coord
+            + settings.lambda_connect * l_connect
+            + reg
+        )
+        metrics.update(
+            loss=loss,
+            l_lattice=l_lattice,
+            l_atom=l_atom,
+            l_count=l_count,
+            l_species=l_species,
+            l_coord=l_coord,
+            l_connect=l_connect,
+        )
+        return loss, metrics
+
+    return loss_fn
+
+
+def init_params(model: Autoencoder, batch, settings: ModelSettings, key: Array) -> Any:
+    """Initial parameters of ``model`` from an example padded batch (any size)."""
+    dense = dense_layout(batch, settings.max_atoms)
+    G, A = dense["mask"].shape
+    cand = periodic_candidates(
+        dense["frac"],
+        dense["cell"],
+        dense["mask"],
+        settings.flow_cutoff,
+        settings.flow_max_shift,
+        settings.flow_edges_per_crystal,
+    )
+    velocity_args = (
+        dense["numbers"].reshape(-1),
+        dense["features"].reshape(-1, 3),
+        dense["frac"].reshape(-1, 3),
+        dense["cell"],
+        jnp.repeat(jnp.arange(G), A),
+        dense["mask"].reshape(-1),
+        cand["senders"],
+        cand["receivers"],
+        cand["shifts"],
+        cand["mask"],
+        cand["edge_graph"],
+    )
+    if model.self_condition:
+        velocity_args = (*velocity_args, jnp.zeros((G * A, 3)))
+    flat = dense["numbers"].reshape(-1)
+    connect_args = (
+        flat[cand["receivers"]],
+        flat[cand["senders"]],
+        cand["distances"],
+        cand["edge_graph"],
+    )
+    t = jnp.zeros((G,))
+    return model.init(key, batch, t, velocity_args, connect_args)
+
+
+# ---------------------------------------------------------------------------- decode
+def make_reconstruct_fn(
+    model: Autoencoder,
+    settings: ModelSettings,
+    normalisers: dict[str, Any],
+    teacher_lattice: bool = False,
+    teacher_composition: bool = False,
+) -> Callable[[Any, Any, Array], dict[str, Array]]:
+    """Builds ``reconstruct(params, batch, key) -> decoded``: encode each crystal, then
+    decode lattice, atom count and species, coordinates (``num_steps`` Euler steps of the
+    flow from uniform noise drawn with ``key``) and bonds.
+
+    Args:
+      model, settings, normalisers: as in `make_loss_fn`.
+      teacher_lattice: use the true cell instead of the decoded one (diagnostics).
+      teacher_composition: use the true count and species (diagnostics).
+
+    Returns:
+      A pure function whose output dict holds ``cell`` [G, 3, 3], ``numbers`` [G, A],
+      ``frac`` [G, A, 3], ``mask`` [G, A], ``n_atoms`` [G], ``z`` [G, D], and the decoded
+      bonds as one edge list over the batch: ``bond_graph``, ``bond_senders``,
+      ``bond_receivers`` (slot indices within the crystal), ``bond_shifts`` k_ij,
+      ``bond_mask`` (a candidate edge classified as bonded) [M], and ``overflow``.
+    """
+    A = settings.max_atoms
+    norm = {k: jnp.asarray(v, jnp.float32) for k, v in normalisers.items()}
+    feature_table = jnp.asarray(_ATOM_FEATURES)
+
+    def reconstruct(params, batch, key):
+        G = batch.n_node.shape[0]
+        enc = model.apply(params, batch, method=Autoencoder.encode)
+        z = enc["z_mean"] if model.posterior == "gaussian" else enc["z"]
+        dense = dense_layout(batch, A)
+        if teacher_lattice:
+            cell = lattice_params_to_cell(batch.globals["lattice"])
+        else:
+            cell = lattice_from_y(model.apply(params, z, method=Autoencoder.decode_lattice), norm)
+        count_logits, _ = model.apply(
+            params, z, jnp.zeros(G, jnp.int32), method=Autoencoder.decode_composition
+        )
+        if teacher_composition:
+            n_atoms = dense["n_atoms"]
+        else:
+            n_atoms = jnp.argmax(count_logits, -1) + 1
+        _, species_logits = model.apply(params, z, n_atoms, method=Autoencoder.decode_composition)
+        species_logits = species_logits.at[..., 0].set(-jnp.inf)
+        mask = (jnp.arange(A)[None, :] < n_atoms[:, None]) & batch.globals["mask"][:, None]
+        if teacher_composition:
+            numbers = jnp.sort(jnp.where(dense["mask"], dense["numbers"], 1000), axis=1)
+        else:
+            numbers = jnp.argmax(species_logits, -1)
+        numbers = jnp.where(mask, numbers, 0).astype(jnp.int32)
+        feats = feature_table[numbers]
+        if settings.flow_prior == "learned":
+            guess = model.apply(params, z, numbers, method=Autoencoder.guess_coordinates)
+            x = wrap_frac(guess + _wrapped_normal(key, G, (A, 3), settings.prior_noise))
+        else:
+            x = _per_graph_uniform(key, G, (A, 3))
+        dt = 1.0 / settings.num_steps
+
+        def step(carry, k):
+            x, x1_hat = carry
+            t = jnp.full((G,), k * dt)
+            sc = jnp.where(k > 0, x1_hat - x, 0.0)
+            v, _ = dense_velocity(
+                model, params, z, t, numbers, feats, x, cell, mask, settings, self_cond=sc
+            )
+            x1_hat = x + v * jnp.maximum(1.0 - t, settings.t_floor)[:, None, None]
+            return (wrap_frac(x + dt * v), x1_hat), None
+
+        (x, _), _ = jax.lax.scan(step, (x, x), jnp.arange(settings.num_steps))
+        x = jnp.where(mask[..., None], x, 0.0)
+        logits, cc, _, _ = _connect_logits(model, params, z, numbers, x, cell, mask, settings)
+        bond = (logits > 0) & cc["mask"]
+        return {
+            "cell": cell,
+            "numbers": numbers,
+            "frac": x,
+            "mask": mask,
+            "n_atoms": jnp.where(batch.globals["mask"], n_atoms, 0),
+            "z": z,
+            "bond_graph": cc["edge_graph"],
+            "bond_senders": cc["senders"] % A,
+            "bond_receivers": cc["receivers"] % A,
+            "bond_shifts": cc["shifts"],
+            "bond_mask": bond,
+            "overflow": cc["overflow"],
+        }
+
+    return reconstruct
+
+
+def decoded_bonds(decoded: dict[str, Any], graph_mask: Any) -> list[dict[str, np.ndarray]]:
+    """Host split of the decoded bond list, one dict per real graph.
+
+    Returns:
+      per crystal: ``senders``, ``receivers`` [B] (atom indices of the decoded crystal,
+      the order of `decoded_to_crystals`) and ``shifts`` [B, 3] (k_ij) of every edge the
+      connectivity decoder classified as bonded.
+    """
+    d = jax.tree.map(np.asarray, decoded)
+    keep = d["bond_mask"]
+    out = []
+    for g in np.flatnonzero(np.asarray(graph_mask)):
+        sel = keep & (d["bond_graph"] == g)
+        out.append(
+            {
+                "senders": d["bond_senders"][sel],
+                "receivers": d["bond_receivers"][sel],
+                "shifts": d["bond_shifts"][sel],
+            }
+        )
+    return out
+
+
+def decoded_to_crystals(
+    decoded: dict[str, Any], graph_mask: Any, names: Sequence[str] | None = None
+) -> list[Crystal]:
+    """Host conversion of `make_reconstruct_fn` output to `Crystal` objects.
+
+    Args:
+      decoded: the decoder output (jax or numpy arrays).
+      graph_mask: [G] bool, False for padding graphs (skipped).
+      names: one name per real graph, in order.
+
+    Returns:
+      One `Crystal` per real graph, in batch order.
+    """
+    d = jax.tree.map(np.asarray, decoded)
+    out = []
+    real = np.flatnonzero(np.asarray(graph_mask))
+    for k, g in enumerate(real):
+        m = d["mask"][g]
+        if not m.any():  # a count head can't produce 0 atoms, but keep the file aligned
+            m = np.zeros_like(m)
+            m[0] = True
+        out.append(
+            Crystal(
+                cell=d["cell"][g].astype(np.float64),
+                frac_coords=d["frac"][g][m].astype(np.float64),
+                numbers=np.maximum(d["numbers"][g][m], 1).astype(np.int64),
+                name=names[k] if names is not None else "",
+            )
+        )
+    return out

@@ -1,0 +1,96 @@
+"""Symmetries of the coordinate decoder's velocity field v(x_t, t | z, species, cell).
+
+The velocity is returned in fractional units: rotating the cell leaves it unchanged
+(equivalently, the Cartesian velocity v @ cell rotates with the cell); permuting atoms
+permutes it; translating all atoms or moving one atom to another periodic image leaves it
+unchanged; extra padding changes nothing.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from autoperi_jax.graph import PaddingBudget, batch_graphs
+from autoperi_jax.model import dense_layout, dense_velocity, init_params
+from autoperi_jax.testing import assert_symmetry, random_graph, random_rotation, tiny_model
+
+
+@pytest.fixture(scope="module")
+def setup():
+    rng = np.random.default_rng(7)
+    graphs = [random_graph(rng, 5.0, n_atoms=(3, 5)) for _ in range(3)]
+    model, settings = tiny_model()
+    batch = jax.tree.map(jnp.asarray, batch_graphs(graphs, PaddingBudget(24, 600, 4)))
+    params = jax.jit(lambda k, b: init_params(model, b, settings, k))(jax.random.PRNGKey(0), batch)
+    d = dense_layout(batch, settings.max_atoms)
+    z = jax.random.normal(jax.random.PRNGKey(1), (4, 12))
+    t = jnp.array([0.1, 0.5, 0.9, 0.0])
+
+    @jax.jit
+    def v_of(inp):
+        return dense_velocity(
+            model, params, inp["z"], inp["t"], inp["numbers"], inp["features"], inp["frac"],
+            inp["cell"], inp["mask"], settings,
+        )[0]  # fmt: skip
+
+    inp = {"z": z, "t": t, **{k: d[k] for k in ("numbers", "features", "frac", "cell", "mask")}}
+    return v_of, inp, [len(g.numbers) for g in graphs]
+
+
+def test_velocity_is_mean_free_and_zero_on_padding(setup):
+    v_of, inp, sizes = setup
+    v = v_of(inp)
+    m = inp["mask"][..., None]
+    np.testing.assert_allclose(jnp.sum(v * m, 1), 0.0, atol=1e-5)
+    assert float(jnp.abs(jnp.where(m, 0.0, v)).max()) == 0.0
+    assert float(jnp.abs(v[:3]).max()) > 1e-4
+
+
+def test_rotation(setup):
+    v_of, inp, _ = setup
+    R = random_rotation(np.random.default_rng(0))
+    rot = dict(inp, cell=inp["cell"] @ R.T)
+    assert_symmetry(v_of, inp, rot, atol=1e-5, msg="rotation (fractional velocity)")
+    # the Cartesian velocity rotates with the cell
+    cart = jnp.einsum("gai,gij->gaj", v_of(inp), inp["cell"])
+    cart_rot = jnp.einsum("gai,gij->gaj", v_of(rot), rot["cell"])
+    np.testing.assert_allclose(cart_rot, cart @ R.T, atol=1e-5)
+
+
+def test_permutation(setup):
+    v_of, inp, sizes = setup
+    rng = np.random.default_rng(1)
+    perm = np.tile(np.arange(5), (4, 1))
+    for g, n in enumerate(sizes):
+        perm[g, :n] = rng.permutation(n)
+    take = lambda x: jnp.take_along_axis(x, perm.reshape(4, 5, *([1] * (x.ndim - 2))), 1)  # noqa: E731
+    permuted = dict(inp, **{k: take(inp[k]) for k in ("numbers", "features", "frac", "mask")})
+    assert_symmetry(v_of, inp, permuted, take, atol=1e-5, msg="permutation")
+
+
+def test_translation_and_periodic_images(setup):
+    v_of, inp, _ = setup
+    rng = np.random.default_rng(2)
+    shift = rng.uniform(size=(4, 1, 3))
+    moved = dict(inp, frac=jnp.mod(inp["frac"] + shift, 1.0))
+    assert_symmetry(v_of, inp, moved, atol=1e-5, msg="translation")
+    n = np.zeros((4, 5, 3))
+    n[0, 1] = (1, -2, 0)
+    n[2, 0] = (0, 0, 3)
+    imaged = dict(inp, frac=inp["frac"] + n)
+    assert_symmetry(v_of, inp, imaged, atol=1e-5, msg="re-wrap")
+    # ...while moving a single atom does change the field (the checks above are not vacuous)
+    nudged = dict(inp, frac=inp["frac"].at[0, 1].add(0.05))
+    assert float(jnp.abs(v_of(nudged) - v_of(inp)).max()) > 1e-4
+
+
+def test_extra_padding(setup):
+    v_of, inp, _ = setup
+
+    def pad(x, value=0):
+        return jnp.concatenate([x, jnp.full((2, *x.shape[1:]), value, x.dtype)], 0)
+
+    padded = {k: pad(v) for k, v in inp.items() if k != "cell"}
+    padded["cell"] = jnp.concatenate([inp["cell"], jnp.broadcast_to(jnp.eye(3), (2, 3, 3))])
+    np.testing.assert_allclose(v_of(padded)[:4], v_of(inp), atol=1e-6)

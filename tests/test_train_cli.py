@@ -1,0 +1,51 @@
+"""Config loading and --config.KEY=VALUE overrides of `autoperi train`."""
+
+import pytest
+
+from autoperi_jax.cli import build_parser
+from train.cli import apply_overrides, load_config
+from train.trainer import build_model, build_settings
+
+
+def test_configs_build_models():
+    for name in ("train/configs/perov_5.py", "train/configs/test.py"):
+        c = load_config(name)
+        model = build_model(c)
+        settings = build_settings(c)
+        assert model.max_atoms == settings.max_atoms == c.model.max_atoms
+        assert settings.flow_cutoff == model.dec_cutoff
+
+
+def test_overrides_are_typed():
+    c = load_config("train/configs/test.py")
+    apply_overrides(
+        c,
+        [
+            "--config.model.image_embedding=raw",
+            "--config.num_train_steps=7",
+            "--config.learning_rate=1e-4",
+            "--config.data.augment_shift=true",
+            "--config.data.limit_train=32",
+            "--config.data.properties=()",
+        ],
+    )
+    assert c.model.image_embedding == "raw"
+    assert c.num_train_steps == 7 and isinstance(c.num_train_steps, int)
+    assert c.learning_rate == 1e-4
+    assert c.data.augment_shift is True
+    assert c.data.limit_train == 32
+    assert tuple(c.data.properties) == ()
+    with pytest.raises(KeyError):
+        apply_overrides(c, ["--config.model.no_such_field=1"])
+    with pytest.raises(ValueError):
+        apply_overrides(c, ["--config.num_train_steps=many"])
+
+
+def test_cli_collects_overrides():
+    args = build_parser().parse_args(
+        ["train", "--config", "c.py", "--workdir", "w", "--config.a=1", "--config.b.c=x"]
+    )
+    assert args.config == "c.py" and args.workdir == "w"
+    assert args.overrides == ["--config.a=1", "--config.b.c=x"]
+    r = build_parser().parse_args(["reconstruct", "--workdir", "w", "--out", "o.extxyz"])
+    assert r.split == "test" and r.out == "o.extxyz"
