@@ -14,19 +14,34 @@ Losses (method section 2.3), every one masked for padding graphs / atoms / edges
 * ``L_atom``: cross-entropy of the atom count plus the mean cross-entropy of the species
   of every atom slot (atoms sorted by atomic number);
 * ``L_coord``: conditional flow matching on the flat torus (Lipman et al., ICLR 2023;
-  FlowMM, Miller et al., ICML 2024): x_0 ~ U[0,1)^{3n}, w = wrap(x_1 - x_0) the shortest
-  periodic displacement, made mean-free per crystal (z is translation invariant, so the
-  global translation is not decodable: removing it gives every crystal one straight
-  path to a translate of itself), x_t = (x_0 + t w) mod 1, target velocity w:
-  ``L_coord = sum_i |v(x_t, t | z) - w_i|^2 / n`` in fractional units;
+  FlowMM, Miller et al., ICML 2024). The flow starts at x_0, by default the
+  `CoordinateGuess` of z plus a little wrapped Gaussian noise (``flow_prior='learned'``;
+  ``'uniform'`` noise is the other option). The data x_1 is coupled to x_0 by translating
+  it to the nearest translate (`align_translation`) and pairing same-species atoms
+  optimally (`ot_pair`): z is translation invariant and identical atoms are
+  interchangeable, so every such x_1 is a valid end point. With w = wrap(x_1 - x_0) made
+  mean-free, x_t = (x_0 + t w) mod 1 and the target velocity is w:
+  ``L_flow = sum_i |v(x_t, t | z) - w_i|^2 / n`` (fractional units). With the learned
+  prior ``L_coord = L_flow + lambda_guess L_guess``, L_guess the same coupled squared
+  error of the guess itself;
 * ``L_connect``: binary cross-entropy of every candidate periodic edge (i, j, k_ij) within
   ``connect_cutoff`` of the true structure against the covalent-radius bond criterion
   ``d_ij < (1 + bond_tolerance) (r_cov(Z_i) + r_cov(Z_j))`` (radii of
   `autoperi_jax.elements`).
 
-Decoding integrates dx/dt = v(x, t | z) with ``num_steps`` Euler steps on the torus
-(one velocity evaluation per step). By default the network predicts the displacement to
-the end point and v = D / (1 - t) (``ModelSettings.flow_target``).
+Decoding integrates dx/dt = v(x, t | z) from x_0 with ``num_steps`` Euler steps on the
+torus (one velocity evaluation per step). By default the network predicts the
+displacement to the end point and v = D / (1 - t) (``ModelSettings.flow_target``), so the
+last step lands on the predicted structure.
+
+Measured on 32 Perov-5 training crystals after 1000 steps (the same small model;
+teacher-forced lattice and composition; StructureMatcher RMSE): uniform prior with
+independent coupling 0.236; with the translation / pairing coupling 0.244 (its flow
+loss halves, 0.099 -> 0.043, but samples do not improve); that plus self-conditioning
+0.236, or plus 5 wider layers (64x0e+32x1o) 0.228; learned prior 0.010. From uniform
+noise the velocity field must register the whole structure onto random points early in
+the flow, which this network did not learn; starting from the guess turns decoding into
+an equivariant refinement.
 """
 
 from __future__ import annotations

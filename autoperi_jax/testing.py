@@ -19,6 +19,7 @@ float32 tolerances, in the spirit of `e3nn_jax.utils.assert_equivariant`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,6 +48,7 @@ __all__ = [
     "rotate_graph",
     "rotation_on_irreps",
     "tiny_model",
+    "tiny_params",
     "translate_graph",
 ]
 
@@ -215,6 +217,20 @@ def tiny_model(image_embedding: str = "self_image", max_atoms: int = 5, **overri
         num_steps=3,
     )
     return model, settings
+
+
+@functools.lru_cache(maxsize=8)
+def tiny_params(model: Any, settings: Any, seed: int = 0) -> Any:
+    """Initial parameters of a (hashable) model, cached per process so test modules that
+    use the same tiny model share one initialisation (and its compilation)."""
+    import jax
+    import jax.numpy as jnp
+
+    from autoperi_jax.model import init_params
+
+    batch, _ = random_batch(np.random.default_rng(seed), 2, model.enc_cutoff, n_atoms=(2, 3))
+    batch = jax.tree.map(jnp.asarray, batch)
+    return jax.jit(lambda k, b: init_params(model, b, settings, k))(jax.random.PRNGKey(seed), batch)
 
 
 # ------------------------------------------------------------------------- assertions

@@ -14,7 +14,7 @@ from autoperi_jax.model import (
     make_loss_fn,
     make_reconstruct_fn,
 )
-from autoperi_jax.testing import random_graph, tiny_model
+from autoperi_jax.testing import random_graph, tiny_model, tiny_params
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def setup():
     model, settings = tiny_model()
     norm = compute_normalisers(graphs)
     batch = jax.tree.map(jnp.asarray, batch_graphs(graphs, PaddingBudget(24, 600, 4)))
-    params = jax.jit(lambda k, b: init_params(model, b, settings, k))(jax.random.PRNGKey(0), batch)
+    params = tiny_params(model, settings)
     loss_fn = make_loss_fn(model, settings, norm)
     grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     return model, settings, norm, graphs, batch, params, loss_fn, grad_fn

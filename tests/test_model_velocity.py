@@ -12,8 +12,14 @@ import numpy as np
 import pytest
 
 from autoperi_jax.graph import PaddingBudget, batch_graphs
-from autoperi_jax.model import dense_layout, dense_velocity, init_params
-from autoperi_jax.testing import assert_symmetry, random_graph, random_rotation, tiny_model
+from autoperi_jax.model import dense_layout, dense_velocity
+from autoperi_jax.testing import (
+    assert_symmetry,
+    random_graph,
+    random_rotation,
+    tiny_model,
+    tiny_params,
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +28,7 @@ def setup():
     graphs = [random_graph(rng, 5.0, n_atoms=(3, 5)) for _ in range(3)]
     model, settings = tiny_model()
     batch = jax.tree.map(jnp.asarray, batch_graphs(graphs, PaddingBudget(24, 600, 4)))
-    params = jax.jit(lambda k, b: init_params(model, b, settings, k))(jax.random.PRNGKey(0), batch)
+    params = tiny_params(model, settings)
     d = dense_layout(batch, settings.max_atoms)
     z = jax.random.normal(jax.random.PRNGKey(1), (4, 12))
     t = jnp.array([0.1, 0.5, 0.9, 0.0])

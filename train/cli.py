@@ -94,9 +94,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    from train.trainer import match_metrics, reconstruct_run
+    from train.trainer import (
+        build_settings,
+        connectivity_metrics,
+        load_checkpoint,
+        match_metrics,
+        reconstruct_run,
+    )
 
-    preds, refs, secs = reconstruct_run(
+    preds, refs, secs, bonds = reconstruct_run(
         args.workdir,
         args.split,
         args.out,
@@ -107,7 +113,14 @@ def _reconstruct(args: argparse.Namespace) -> int:
     )
     print(f"wrote {len(preds)} structures to {args.out} in {secs:.1f} s")
     if args.match:
-        print(json.dumps(match_metrics(preds, refs), indent=2))
+        settings = build_settings(load_checkpoint(args.workdir)["config"])
+        metrics = match_metrics(preds, refs)
+        metrics.update(
+            connectivity_metrics(
+                preds, bonds, refs, settings.connect_cutoff, settings.bond_tolerance
+            )
+        )
+        print(json.dumps(metrics, indent=2))
     return 0
 
 

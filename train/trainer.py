@@ -560,11 +560,11 @@ def reconstruct_run(
     num_steps: int | None = None,
     limit: int | None = None,
     progress: bool = True,
-) -> tuple[list[Crystal], list[Crystal], float]:
+) -> tuple[list[Crystal], list[Crystal], float, list[dict[str, np.ndarray]]]:
     """Reconstructs a split with a trained run; writes ``out`` (extxyz) in split order.
 
     Returns:
-      (predictions, references, seconds).
+      (predictions, references, seconds, decoded bonds per crystal).
     """
     ckpt = load_checkpoint(workdir)
     config = ckpt["config"]
@@ -576,6 +576,7 @@ def reconstruct_run(
         with config.unlocked():
             config.data[f"limit_{split}"] = limit
     ds = load_split(config, split, progress)
+    bonds: list[dict[str, np.ndarray]] = []
     preds, secs = reconstruct_dataset(
         model,
         settings,
@@ -586,8 +587,9 @@ def reconstruct_run(
         batch_size,
         seed,
         progress,
+        bonds=bonds,
     )
     if out is not None:
         write_structures(preds, out)
     refs = [ds.crystal(i) for i in range(len(ds))]
-    return preds, refs, secs
+    return preds, refs, secs, bonds
