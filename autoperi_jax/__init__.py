@@ -22,6 +22,8 @@ _LAZY = {
     "BatchIterator": "autoperi_jax.graph",
     "load_dataset": "autoperi_jax.datasets",
     "GraphDataset": "autoperi_jax.datasets",
+    "load": "autoperi_jax.api",
+    "Generator": "autoperi_jax.api",
 }
 
 __all__ = ["__version__", *_LAZY]

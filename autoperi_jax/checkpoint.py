@@ -124,37 +124,67 @@ class Checkpointer:
         return self.manager.best_step()
 
     def restore(
-        self, abstract_state: Any, step: int | None = None
+        self,
+        abstract_state: Any,
+        step: int | None = None,
+        delete_unreadable: bool = False,
     ) -> tuple[Any, dict[str, Any], int] | None:
         """Restores the newest readable checkpoint at or before ``step``.
 
         Args:
           abstract_state: pytree of `jax.ShapeDtypeStruct` (with shardings) or arrays that
-            gives the structure, shapes, dtypes and placement to restore into.
+            gives the structure, shapes, dtypes and placement to restore into; ``None``
+            restores the saved structure onto this process's first device, whatever
+            device layout wrote it (e.g. a model trained on 4 devices, read on a laptop).
           step: a specific step; ``None`` = the latest.
+          delete_unreadable: delete the unreadable steps newer than the one restored (a
+            resumed run will write those steps again).
 
         Returns:
           ``(state, meta, step)``, or ``None`` when there is no readable checkpoint.
         """
         ocp = self._ocp
         candidates = [s for s in self.steps() if step is None or s <= step]
+        unreadable: list[int] = []
         for s in reversed(candidates):
             try:
+                target = abstract_state
+                if target is None:
+                    target = self._single_device_target(s)
                 out = self.manager.restore(
                     s,
                     args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
+                        state=ocp.args.StandardRestore(target),
                         meta=ocp.args.JsonRestore(),
                     ),
                 )
-                return out.state, dict(out.meta), s
             except Exception as e:  # corrupt or partial step: fall back to an older one
                 warnings.warn(
                     f"checkpoint step {s} in {self.directory} is unreadable "
                     f"({type(e).__name__}: {str(e)[:200]}); trying an earlier one",
                     stacklevel=2,
                 )
+                unreadable.append(s)
+                continue
+            if delete_unreadable:
+                for bad in unreadable:
+                    self.manager.delete(bad)
+            return out.state, dict(out.meta), s
         return None
+
+    def _single_device_target(self, step: int) -> Any:
+        """Abstract ``state`` of a saved step (shapes and dtypes from its metadata) placed
+        on ``jax.local_devices()[0]``."""
+        ocp = self._ocp
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            tree = handler.metadata(self.directory / str(step) / "state")
+        finally:
+            handler.close()
+        return jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree
+        )
 
     def close(self) -> None:
         self.manager.wait_until_finished()

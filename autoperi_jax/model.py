@@ -4,8 +4,12 @@ Everything here is a pure function or a factory returning one (jax-md style), so
 training step, the sharded trainer of a later issue and user code share it:
 
 * `make_loss_fn(model, settings, normalisers)` -> ``loss_fn(params, batch, key)``;
+* `make_encode_fn(model)` -> ``encode(params, batch) -> z``;
+* `make_decode_fn(model, settings, normalisers)` -> ``decode(params, z, key)``: decode
+  lattice -> composition -> coordinates -> bonds from latents (the generative model
+  samples z with the latent flow, `autoperi_jax.sampling`);
 * `make_reconstruct_fn(model, settings, normalisers)` -> ``reconstruct(params, batch,
-  key)``: encode, then decode lattice -> composition -> coordinates -> bonds;
+  key)``: encode, then decode;
 * `decoded_to_crystals` turns the padded decoder output into `Crystal` objects.
 
 Losses (method section 2.3), every one masked for padding graphs / atoms / edges:
@@ -75,6 +79,8 @@ __all__ = [
     "flow_path",
     "init_params",
     "lattice_from_y",
+    "make_decode_fn",
+    "make_encode_fn",
     "make_loss_fn",
     "make_reconstruct_fn",
     "ot_pair",
@@ -133,6 +139,9 @@ class ModelSettings:
       prior_noise: std of the noise added to the learned prior.
       lambda_guess: weight of the guess loss (min over translations and same-species
         pairings of the squared periodic error) inside ``L_coord``.
+      beta_phys: weight beta of ``L_phys`` (method section 2.5) on the decoder's one-shot
+        structure (the `CoordinateGuess` on the true cell and species; needs
+        ``flow_prior='learned'`` and a ``phys_fn`` in `make_loss_fn`); 0 = not computed.
     """
 
     max_atoms: int = 20
@@ -160,6 +169,7 @@ class ModelSettings:
     flow_prior: str = "learned"
     prior_noise: float = 0.03
     lambda_guess: float = 1.0
+    beta_phys: float = 0.0
 
 
 # --------------------------------------------------------------------------- lattice
@@ -571,7 +581,10 @@ def _connect_logits(model, params, z, numbers, frac, cell, mask, settings: Model
 
 # ------------------------------------------------------------------------------ loss
 def make_loss_fn(
-    model: Autoencoder, settings: ModelSettings, normalisers: dict[str, Any]
+    model: Autoencoder,
+    settings: ModelSettings,
+    normalisers: dict[str, Any],
+    phys_fn: Callable[..., dict[str, Array]] | None = None,
 ) -> Callable[[Any, Any, Array], tuple[Array, dict[str, Array]]]:
     """Builds the training loss.
 
@@ -579,6 +592,11 @@ def make_loss_fn(
       model: the `Autoencoder` (its ``max_atoms`` must equal ``settings.max_atoms``).
       settings: `ModelSettings`.
       normalisers: `compute_normalisers` of the training set.
+      phys_fn: ``phys_fn(cell [G, 3, 3], frac [G, A, 3], numbers [G, A], mask [G, A],
+        ref_frac [G, A, 3]) -> {"total": [G], part: [G], ...}``, the physics losses of
+        each decoded structure (``ref_frac``: the true coordinates, for references);
+        used when ``settings.beta_phys > 0``: ``loss += beta_phys * L_phys`` with L_phys
+        the mean of ``total`` over real graphs, logged as ``l_phys`` and ``l_phys_PART``.
 
     Returns:
       ``loss_fn(params, batch, key) -> (loss, metrics)``: pure, jit-able; ``batch`` is a
@@ -588,6 +606,8 @@ def make_loss_fn(
     """
     if model.max_atoms != settings.max_atoms:
         raise ValueError(f"model.max_atoms={model.max_atoms} != settings {settings.max_atoms}")
+    if settings.beta_phys > 0 and (phys_fn is None or settings.flow_prior != "learned"):
+        raise ValueError("beta_phys > 0 needs a phys_fn and flow_prior='learned'")
     mean = jnp.asarray(normalisers["lattice_mean"], jnp.float32)
     std = jnp.asarray(normalisers["lattice_std"], jnp.float32)
     A = settings.max_atoms
@@ -665,6 +685,12 @@ def make_loss_fn(
             )  # fmt: skip
             err = wrap_centered(guess - x1g)
             metrics["l_guess"] = _masked_mean(jnp.sum(err**2, -1), amask)
+            if settings.beta_phys > 0:
+                # The one-shot decoded structure, with gradients to the params.
+                phys = phys_fn(dense["cell"], guess, dense["numbers"], amask, dense["frac"])
+                for k, v in phys.items():
+                    name = "l_phys" if k == "total" else f"l_phys_{k}"
+                    metrics[name] = jnp.sum(v * gm) / n_graphs
             noise = _wrapped_normal(k_x0, G, (A, 3), settings.prior_noise)
             x0 = wrap_frac(jax.lax.stop_gradient(guess) + noise)
         elif settings.flow_prior == "uniform":
@@ -724,6 +750,8 @@ def make_loss_fn(
             + settings.lambda_connect * l_connect
             + reg
         )
+        if settings.beta_phys > 0:
+            loss = loss + settings.beta_phys * metrics["l_phys"]
         metrics.update(
             loss=loss,
             l_lattice=l_lattice,
@@ -777,24 +805,45 @@ def init_params(model: Autoencoder, batch, settings: ModelSettings, key: Array) 
 
 
 # ---------------------------------------------------------------------------- decode
-def make_reconstruct_fn(
-    model: Autoencoder,
-    settings: ModelSettings,
-    normalisers: dict[str, Any],
-    teacher_lattice: bool = False,
-    teacher_composition: bool = False,
-) -> Callable[[Any, Any, Array], dict[str, Array]]:
-    """Builds ``reconstruct(params, batch, key) -> decoded``: encode each crystal, then
-    decode lattice, atom count and species, coordinates (``num_steps`` Euler steps of the
-    flow from uniform noise drawn with ``key``) and bonds.
+def make_encode_fn(model: Autoencoder) -> Callable[[Any, Any], Array]:
+    """Builds ``encode(params, batch) -> z``: the latent of every crystal of a padded batch.
+
+    Args:
+      model: the `Autoencoder`.
+
+    Returns:
+      A pure function returning z [G, D] (the posterior mean for ``posterior='gaussian'``;
+      rows of padding graphs hold whatever the encoder gives them).
+    """
+
+    def encode(params, batch):
+        enc = model.apply(params, batch, method=Autoencoder.encode)
+        return enc["z_mean"] if model.posterior == "gaussian" else enc["z"]
+
+    return encode
+
+
+def make_decode_fn(
+    model: Autoencoder, settings: ModelSettings, normalisers: dict[str, Any]
+) -> Callable[..., dict[str, Array]]:
+    """Builds ``decode(params, z, key, graph_mask=None, cell=None, n_atoms=None,
+    numbers=None) -> decoded``: lattice, atom count and species, coordinates
+    (``settings.num_steps`` Euler steps of the torus flow from the `CoordinateGuess` of z
+    plus noise drawn with ``key``, or uniform noise) and bonds.
+
+    Every step is one velocity evaluation of the decoder GNN, so the number of network
+    evaluations per crystal (NFE) is ``settings.num_steps``.
 
     Args:
       model, settings, normalisers: as in `make_loss_fn`.
-      teacher_lattice: use the true cell instead of the decoded one (diagnostics).
-      teacher_composition: use the true count and species (diagnostics).
 
     Returns:
-      A pure function whose output dict holds ``cell`` [G, 3, 3], ``numbers`` [G, A],
+      A pure, jit-able function. Arguments: ``z`` [G, D]; ``key`` a PRNG key (per-crystal
+      noise from ``fold_in(key, g)``); optional ``graph_mask`` [G] bool (False rows decode
+      to empty crystals, default all True); optional teacher values for diagnostics:
+      ``cell`` [G, 3, 3] (instead of the decoded lattice), ``n_atoms`` [G] and ``numbers``
+      [G, A] (species sorted by atomic number, instead of the decoded composition; give
+      both). Output dict: ``cell`` [G, 3, 3], ``numbers`` [G, A] (0 on empty slots),
       ``frac`` [G, A, 3], ``mask`` [G, A], ``n_atoms`` [G], ``z`` [G, D], and the decoded
       bonds as one edge list over the batch: ``bond_graph``, ``bond_senders``,
       ``bond_receivers`` (slot indices within the crystal), ``bond_shifts`` k_ij,
@@ -804,28 +853,23 @@ def make_reconstruct_fn(
     norm = {k: jnp.asarray(v, jnp.float32) for k, v in normalisers.items()}
     feature_table = jnp.asarray(_ATOM_FEATURES)
 
-    def reconstruct(params, batch, key):
-        G = batch.n_node.shape[0]
-        enc = model.apply(params, batch, method=Autoencoder.encode)
-        z = enc["z_mean"] if model.posterior == "gaussian" else enc["z"]
-        dense = dense_layout(batch, A)
-        if teacher_lattice:
-            cell = lattice_params_to_cell(batch.globals["lattice"])
-        else:
+    def decode(params, z, key, graph_mask=None, cell=None, n_atoms=None, numbers=None):
+        G = z.shape[0]
+        if graph_mask is None:
+            graph_mask = jnp.ones((G,), bool)
+        if cell is None:
             cell = lattice_from_y(model.apply(params, z, method=Autoencoder.decode_lattice), norm)
-        count_logits, _ = model.apply(
-            params, z, jnp.zeros(G, jnp.int32), method=Autoencoder.decode_composition
-        )
-        if teacher_composition:
-            n_atoms = dense["n_atoms"]
-        else:
+        if n_atoms is None:
+            count_logits, _ = model.apply(
+                params, z, jnp.zeros(G, jnp.int32), method=Autoencoder.decode_composition
+            )
             n_atoms = jnp.argmax(count_logits, -1) + 1
-        _, species_logits = model.apply(params, z, n_atoms, method=Autoencoder.decode_composition)
-        species_logits = species_logits.at[..., 0].set(-jnp.inf)
-        mask = (jnp.arange(A)[None, :] < n_atoms[:, None]) & batch.globals["mask"][:, None]
-        if teacher_composition:
-            numbers = jnp.sort(jnp.where(dense["mask"], dense["numbers"], 1000), axis=1)
-        else:
+        mask = (jnp.arange(A)[None, :] < n_atoms[:, None]) & graph_mask[:, None]
+        if numbers is None:
+            _, species_logits = model.apply(
+                params, z, n_atoms, method=Autoencoder.decode_composition
+            )
+            species_logits = species_logits.at[..., 0].set(-jnp.inf)
             numbers = jnp.argmax(species_logits, -1)
         numbers = jnp.where(mask, numbers, 0).astype(jnp.int32)
         feats = feature_table[numbers]
@@ -855,7 +899,7 @@ def make_reconstruct_fn(
             "numbers": numbers,
             "frac": x,
             "mask": mask,
-            "n_atoms": jnp.where(batch.globals["mask"], n_atoms, 0),
+            "n_atoms": jnp.where(graph_mask, n_atoms, 0),
             "z": z,
             "bond_graph": cc["edge_graph"],
             "bond_senders": cc["senders"] % A,
@@ -864,6 +908,45 @@ def make_reconstruct_fn(
             "bond_mask": bond,
             "overflow": cc["overflow"],
         }
+
+    return decode
+
+
+def make_reconstruct_fn(
+    model: Autoencoder,
+    settings: ModelSettings,
+    normalisers: dict[str, Any],
+    teacher_lattice: bool = False,
+    teacher_composition: bool = False,
+) -> Callable[[Any, Any, Array], dict[str, Array]]:
+    """Builds ``reconstruct(params, batch, key) -> decoded``: `make_encode_fn` then
+    `make_decode_fn` (lattice, atom count and species, coordinates from the flow drawn with
+    ``key``, bonds).
+
+    Args:
+      model, settings, normalisers: as in `make_loss_fn`.
+      teacher_lattice: use the true cell instead of the decoded one (diagnostics).
+      teacher_composition: use the true count and species (diagnostics).
+
+    Returns:
+      A pure function whose output dict is that of `make_decode_fn` (``z`` is the
+      encoder's latent; padding graphs have ``n_atoms`` 0 and empty masks).
+    """
+    A = settings.max_atoms
+    encode = make_encode_fn(model)
+    decode = make_decode_fn(model, settings, normalisers)
+
+    def reconstruct(params, batch, key):
+        z = encode(params, batch)
+        gmask = batch.globals["mask"]
+        cell = n_atoms = numbers = None
+        if teacher_lattice:
+            cell = lattice_params_to_cell(batch.globals["lattice"])
+        if teacher_composition:
+            dense = dense_layout(batch, A)
+            n_atoms = dense["n_atoms"]
+            numbers = jnp.sort(jnp.where(dense["mask"], dense["numbers"], 1000), axis=1)
+        return decode(params, z, key, gmask, cell=cell, n_atoms=n_atoms, numbers=numbers)
 
     return reconstruct
 

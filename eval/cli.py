@@ -111,6 +111,13 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, help="cond: target property value")
     p.add_argument("--tolerance", type=float, help="cond: hit tolerance on the property")
     p.add_argument("--sampling-time-s", type=float, help="wall time spent generating samples")
+    p.add_argument(
+        "--phonons",
+        action="store_true",
+        help="gen/cond: phonon_stable_rate (UFF pair-potential relaxation + phonons, "
+        "eval.stability) on valid samples and valid reference crystals",
+    )
+    p.add_argument("--phonon-max", type=int, help="phonons of at most N valid structures per side")
     p.add_argument("--data-dir", help="folder holding NAME/SPLIT.csv (else $AUTOPERI_DATA)")
     p.add_argument("--cache-dir", help="fingerprint cache (else $AUTOPERI_CACHE/...)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
@@ -172,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
             target=args.target,
             tolerance=args.tolerance,
             sampling_time_s=args.sampling_time_s,
+            phonons=args.phonons,
+            phonon_max=args.phonon_max,
         )  # fmt: skip
         load = dict(data_dir=args.data_dir, workers=args.workers, progress=progress)
         samples = load_structure_set(args.samples, limit=args.max_samples, **load)
@@ -206,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
         else [
             "validity", "struct_validity", "comp_validity", "cov_recall", "cov_precision",
             "emd_density", "emd_num_elements", "emd_property", "uniqueness", "novelty",
+            "phonon_stable_rate", "phonon_stable_rate_reference",
         ]
     )  # fmt: skip
     print(f"{args.task}: {len(samples)} samples vs {len(reference)} reference structures")

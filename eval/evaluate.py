@@ -50,6 +50,11 @@ class EvalOptions:
       target, tolerance: conditional task: target property value (else per-sample
         ``target_<property>``) and hit tolerance.
       sampling_time_s: wall time spent generating the samples (for time per valid sample).
+      phonons: also compute ``phonon_stable_rate`` (`eval.stability`: pair-potential
+        relaxation + phonons) on the valid samples and, as its reference, on the valid
+        reference crystals (``phonon_stable_rate_reference``).
+      phonon_max: evaluate the phonons of at most this many valid structures per side
+        (the first ones; ``None`` = all).
     """
 
     task: str = "gen"
@@ -77,6 +82,8 @@ class EvalOptions:
     target: float | None = None
     tolerance: float | None = None
     sampling_time_s: float | None = None
+    phonons: bool = False
+    phonon_max: int | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -335,6 +342,26 @@ def _evaluate_gen(samples, reference, opts, train, workers, cache_dir, use_cache
             metrics["novelty_distance_struct"] = _finite(d_s.mean()) if len(sel) else None
             metrics["novelty_distance_comp"] = _finite(d_c.mean()) if len(sel) else None
             metrics["n_train"] = len(train)
+
+    if opts.phonons:
+        from eval.stability import StabilityOptions, phonon_stability
+
+        with timer("phonons"):
+            sopts = StabilityOptions()
+            for side, structs, ok in (
+                ("", samples.crystals, valid),
+                ("_reference", reference.crystals, ref_valid),
+            ):
+                sel = np.asarray(ok, bool).copy()
+                if opts.phonon_max is not None:
+                    sel[np.flatnonzero(sel)[opts.phonon_max :]] = False
+                st = phonon_stability(structs, sel, sopts, progress)
+                metrics[f"phonon_stable_rate{side}"] = _finite(st["phonon_stable_rate"])
+                details[f"phonons{side}"] = {
+                    "n_evaluated": int(st["n_evaluated"]),
+                    "relax_converged_rate": _finite(st["relax_converged_rate"]),
+                }
+            details["phonon_options"] = dataclasses.asdict(sopts)
 
     sg = M.spacegroup_distribution(sf.spacegroup[valid], rf.spacegroup)
     metrics["spacegroup_total_variation"] = sg.get("total_variation")

@@ -47,5 +47,11 @@ def test_cli_collects_overrides():
     )
     assert args.config == "c.py" and args.workdir == "w"
     assert args.overrides == ["--config.a=1", "--config.b.c=x"]
+    assert args.coordinator is None and args.num_processes is None and args.process_id is None
+    multi = build_parser().parse_args(
+        ["train", "--config", "c.py", "--workdir", "w", "--coordinator", "10.0.0.1:1234",
+         "--num-processes", "4", "--process-id", "3"]
+    )  # fmt: skip
+    assert (multi.coordinator, multi.num_processes, multi.process_id) == ("10.0.0.1:1234", 4, 3)
     r = build_parser().parse_args(["reconstruct", "--workdir", "w", "--out", "o.extxyz"])
     assert r.split == "test" and r.out == "o.extxyz"

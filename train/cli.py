@@ -1,4 +1,5 @@
-"""``autoperi train`` and ``autoperi reconstruct`` (registered by `autoperi_jax.cli`).
+"""``autoperi train``, ``reconstruct``, ``train-flow`` and ``sample`` (registered by
+`autoperi_jax.cli`).
 
 Examples::
 
@@ -6,6 +7,8 @@ Examples::
       --config.model.image_embedding=raw --config.num_train_steps=2000
   autoperi reconstruct --workdir runs/perov --split test --out recon.extxyz
   autoperi eval --task recon --samples recon.extxyz --reference perov_5:test
+  autoperi train-flow --workdir runs/perov --steps 20000
+  autoperi sample --workdir runs/perov -n 10000 --out gen.extxyz --seed 0
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["apply_overrides", "load_config", "register"]
+__all__ = ["apply_overrides", "load_config", "register", "write_samples"]
 
 
 def load_config(path: str | Path):
@@ -85,10 +88,23 @@ def apply_overrides(config, overrides: Sequence[str]):
 
 
 def _train(args: argparse.Namespace) -> int:
+    """Exit codes: 0 = finished, or stopped by SIGTERM / SIGINT after saving a checkpoint
+    at the current step (re-run the same command to resume; ``summary.json`` says
+    ``"interrupted": true``); 3 = stopped by the non-finite guard (the last good checkpoint
+    is kept)."""
+    # Multi-host set-up must come before any other JAX call (flags or AUTOPERI_* / JAX_*
+    # environment variables; see train.parallel.maybe_initialize_distributed).
+    from train.parallel import maybe_initialize_distributed
+
+    maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     from train.trainer import train_and_evaluate
 
     config = apply_overrides(load_config(args.config), args.overrides)
-    result = train_and_evaluate(config, args.workdir)
+    try:
+        result = train_and_evaluate(config, args.workdir)
+    except FloatingPointError as e:
+        print(f"autoperi train: error: {e}", file=sys.stderr)
+        return 3
     print(json.dumps(result, indent=2, default=float))
     return 0
 
@@ -152,6 +168,16 @@ def register(subparsers) -> None:
         subparsers._parser_class = parser_class
     p.add_argument("--config", required=True, help="config file, e.g. train/configs/perov_5.py")
     p.add_argument("--workdir", required=True, help="run folder (metrics, checkpoints)")
+    p.add_argument(
+        "--coordinator",
+        default=None,
+        help="multi-host: HOST:PORT of process 0 (else $AUTOPERI_COORDINATOR or "
+        "$JAX_COORDINATOR_ADDRESS; AUTOPERI_DISTRIBUTED=auto for TPU pods / SLURM)",
+    )
+    p.add_argument(
+        "--num-processes", type=int, default=None, help="multi-host: number of processes"
+    )
+    p.add_argument("--process-id", type=int, default=None, help="multi-host: this process")
     p.set_defaults(func=_train)
 
     r = subparsers.add_parser(
@@ -171,6 +197,194 @@ def register(subparsers) -> None:
         "--match", action="store_true", help="also print a quick StructureMatcher match rate"
     )
     r.set_defaults(func=_reconstruct)
+    _register_generation(subparsers)
+
+
+# ------------------------------------------------------------------ generation (issue 4)
+def _train_flow(args: argparse.Namespace) -> int:
+    from train.flow_stage import train_flow
+
+    config = load_config(args.config or "flow_perov_5")
+    with config.unlocked():
+        for field, value in (
+            ("num_steps", args.steps),
+            ("batch_size", args.batch_size),
+            ("learning_rate", args.lr),
+            ("seed", args.seed),
+        ):
+            if value is not None:
+                config[field] = value
+        if args.layers is not None:
+            config.flow.n_layers = args.layers
+        if args.hidden is not None:
+            config.flow.hidden = tuple(int(h) for h in args.hidden.split(","))
+        if args.properties is not None:
+            config.properties = tuple(p for p in args.properties.split(",") if p)
+        if args.predictor_steps is not None:
+            config.predictor.num_steps = args.predictor_steps
+        if args.no_progress:
+            config.progress = False
+    apply_overrides(config, args.overrides)
+    summary = train_flow(args.workdir, config)
+    print(json.dumps(summary, indent=2, default=float))
+    return 0
+
+
+def _parse_conditions(items: Sequence[str] | None) -> dict[str, float]:
+    out = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--condition expects NAME=VALUE, got {item!r}")
+        out[name.strip()] = float(value)
+    return out
+
+
+def write_samples(
+    gen,
+    key,
+    n: int,
+    out: str | Path,
+    conditions=None,
+    spacegroup=None,
+    batch_size: int = 256,
+    temperature=None,
+    progress: bool = True,
+) -> int:
+    """Samples ``n`` crystals with a `autoperi_jax.api.Generator` and writes each finished
+    batch at once: appended to an extxyz file (predicted properties in ``atoms.info``), or
+    one CIF per crystal in a folder plus ``properties.csv``. An existing extxyz file is
+    replaced; in a folder, earlier ``sample_*.cif`` files and ``properties.csv`` are
+    removed first. Returns the number written."""
+    from tqdm import tqdm
+
+    from autoperi_jax.crystal import write_structures
+
+    out = Path(out)
+    is_file = out.suffix in (".xyz", ".extxyz")
+    if is_file:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for f in out.glob("sample_*.cif"):
+            f.unlink()
+        (out / "properties.csv").unlink(missing_ok=True)
+    written = 0
+    bar = tqdm(total=n, disable=not progress, desc="sample", unit="crystal")
+    batches = gen.sample_batches(key, n, conditions, spacegroup, batch_size, temperature)
+    for crystals in batches:
+        write_structures(crystals, out, append=True)
+        if not is_file:
+            names = sorted({k for c in crystals for k in c.properties})
+            csv = out / "properties.csv"
+            with open(csv, "a") as f:
+                if written == 0:
+                    f.write(",".join(["name", *names]) + "\n")
+                for c in crystals:
+                    vals = [repr(c.properties.get(k, float("nan"))) for k in names]
+                    f.write(",".join([c.name, *vals]) + "\n")
+        written += len(crystals)
+        bar.update(len(crystals))
+    bar.close()
+    return written
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import time
+
+    import jax
+
+    from autoperi_jax.api import load
+
+    overrides = {}
+    if args.num_steps is not None:
+        overrides["num_steps"] = args.num_steps
+    if args.no_spacegroup_prior:
+        overrides["spacegroup_prior"] = False
+    gen = load(args.workdir, **overrides)
+    conditions = _parse_conditions(args.condition)
+    t0 = time.perf_counter()
+    n = write_samples(
+        gen,
+        jax.random.PRNGKey(args.seed),
+        args.n,
+        args.out,
+        conditions or None,
+        args.spacegroup,
+        args.batch_size,
+        args.temperature,
+        not args.no_progress,
+    )
+    secs = time.perf_counter() - t0
+    print(
+        f"wrote {n} crystals to {args.out} in {secs:.1f} s ({n / secs:.1f}/s, "
+        f"{gen.nfe} decoder evaluations per crystal)"
+    )
+    return 0
+
+
+def _register_generation(subparsers) -> None:
+    """``train-flow`` and ``sample``."""
+    parser_class = subparsers._parser_class
+    subparsers._parser_class = _OverrideParser
+    try:
+        f = subparsers.add_parser(
+            "train-flow",
+            help="train the latent flow and property predictor of an autoencoder run",
+            description="Second stage: encodes the train / val splits with the run's frozen "
+            "encoder, trains the conditional RealNVP on the standardised latents and a "
+            "property predictor, and saves RUN/flow/model (see train/flow_stage.py). "
+            "Override config fields with --config.KEY=VALUE.",
+        )
+    finally:
+        subparsers._parser_class = parser_class
+    f.add_argument("--workdir", required=True, help="run folder of `autoperi train`")
+    f.add_argument("--config", default=None, help="flow config (default flow_perov_5)")
+    f.add_argument("--steps", type=int, default=None, help="flow training steps")
+    f.add_argument("--batch-size", type=int, default=None)
+    f.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    f.add_argument("--layers", type=int, default=None, help="coupling layers")
+    f.add_argument("--hidden", default=None, help="conditioner widths, e.g. 256,256")
+    f.add_argument("--properties", default=None, help="condition columns, e.g. heat_ref,dir_gap")
+    f.add_argument("--predictor-steps", type=int, default=None)
+    f.add_argument("--seed", type=int, default=None)
+    f.add_argument("--no-progress", action="store_true")
+    f.set_defaults(func=_train_flow)
+
+    s = subparsers.add_parser(
+        "sample",
+        help="generate crystals with a trained run (after train-flow)",
+        description="Draws crystals from the latent flow, decodes them, optionally "
+        "symmetrises them onto a space group, and writes each batch as it finishes. "
+        "Batch b uses fold_in(PRNGKey(seed), b): the same seed and batch size give "
+        "identical files.",
+        epilog="example:\n  autoperi sample --workdir runs/p5_c -n 10000 --out gen.extxyz "
+        "--condition heat_ref=0.5 --spacegroup 221 --seed 0",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("--workdir", required=True, help="run folder with flow/model")
+    s.add_argument("-n", type=int, required=True, help="number of crystals")
+    s.add_argument("--out", required=True, help="output .extxyz, or a folder for CIFs")
+    s.add_argument(
+        "--condition",
+        action="append",
+        metavar="NAME=VALUE",
+        help="target property in physical units (repeatable)",
+    )
+    s.add_argument("--spacegroup", type=int, default=None, help="requested space group 1-230")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=None, help="base-noise temperature")
+    s.add_argument("--num-steps", type=int, default=None, help="decoder Euler steps (NFE)")
+    s.add_argument(
+        "--no-spacegroup-prior",
+        action="store_true",
+        help="without --spacegroup: sample the marginal flow, no symmetry layer (faster) "
+        "instead of drawing a group from the training distribution",
+    )
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_sample)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -75,18 +75,41 @@ def get_config() -> ml_collections.ConfigDict:
     c.objective.flow_prior = "learned"
     c.objective.prior_noise = 0.03
     c.objective.lambda_guess = 1.0
+    # Total loss L_recon + beta_phys * L_phys (alpha * L_gen is the separate latent-flow
+    # stage); L_phys acts on the decoder's one-shot structure (train.trainer.make_phys_fn).
+    c.objective.beta_phys = 0.0
 
-    c.batch_size = 128
+    c.physics = ml_collections.ConfigDict()
+    c.physics.potential = "morse"  # "morse" / "lj" (UFF) or "soft_sphere"
+    c.physics.cutoff = 6.0
+    c.physics.chem_cutoff = 4.0
+    c.physics.weights = (1.0, 1.0, 1.0)  # energy, phonon stability, chemistry; 0 = skip
+    c.physics.mp_grid = (2, 2, 2)  # q-points: Gamma + this Monkhorst-Pack grid
+    c.physics.en_weight = 1.0
+    c.physics.stability_tolerance = 0.0
+    c.physics.energy_reference = True  # L_energy relative to the true structure
+    c.physics.chem_reference = True  # target coordination = the true structure's
+
+    c.batch_size = 128  # global, over all devices and processes
+    c.num_shards = 0  # shards of a global batch; 0 = one per device (see train.parallel)
     c.num_train_steps = 4000
+    c.optimizer = "adamw"  # or "sgd"
+    c.momentum = 0.0  # sgd only
     c.learning_rate = 2e-3
     c.final_lr_fraction = 0.01
     c.warmup_steps = 200
     c.weight_decay = 1e-5
     c.grad_clip = 1.0
+    c.ema_decay = 0.0  # EMA of the parameters (0 = off); evaluation / saved params use it
+    c.max_nonfinite_steps = 10  # stop after this many non-finite steps in a row
 
     c.log_every = 50
-    c.eval_every = 1000
+    c.tensorboard = True
+    c.eval_every = 1000  # steps; -1 = every epoch; 0 = never
     c.eval_batches = 4
     c.eval_recon = 256
     c.checkpoint_every = 1000
+    c.keep_checkpoints = 3  # the last N, plus the best on val_loss
+    c.async_checkpoint = True
+    c.signal_sync_every = 10  # multi-process: steps between SIGTERM-flag exchanges
     return c

@@ -1,0 +1,346 @@
+"""High-level API of a trained generative model: ``autoperi_jax.load(workdir)``.
+
+A run trained with ``autoperi train`` (the autoencoder) and ``autoperi train-flow`` (the
+latent flow and the property predictor) holds a self-contained inference bundle in
+``RUN/flow/model`` (Orbax pytree + JSON metadata, `autoperi_jax.checkpoint.save_pytree`):
+the autoencoder parameters and settings, the flow parameters and settings, the latent and
+property statistics and the predictor. `load` reads only that bundle, so the library never
+depends on the trainer's checkpoint layout::
+
+    import jax, autoperi_jax
+
+    gen = autoperi_jax.load("runs/p5_c")
+    crystals = gen.sample(jax.random.key(0), 100, conditions={"heat_ref": 0.5},
+                          spacegroup=221)
+    out = gen.sample_fn(gen.params, jax.random.key(1), 64)      # padded arrays, jitted
+    z = gen.encode(crystals)                                     # [n, D]
+    again = gen.decode(z, jax.random.key(2))
+    props = gen.predict(crystals)                                # {name: [n]}
+
+Batches: `Generator.sample` draws batch ``b`` with ``fold_in(key, b)`` and always runs
+full batches of ``batch_size`` (one compiled shape), so the first m crystals of a call
+do not depend on ``n`` and the same key gives the same crystals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from autoperi_jax.crystal import Crystal
+from autoperi_jax.flow import FlowConfig
+from autoperi_jax.model import ModelSettings, decoded_to_crystals, make_decode_fn, make_encode_fn
+from autoperi_jax.nn.autoencoder import Autoencoder
+from autoperi_jax.sampling import PropertyHead, SamplerSettings, make_predict_fn, make_sample_fn
+
+__all__ = ["BUNDLE", "Generator", "encode_graphs", "load", "outputs_to_crystals"]
+
+BUNDLE = Path("flow") / "model"  # inside a run folder
+
+
+def _next_pow2(x: int, minimum: int = 64) -> int:
+    return max(minimum, 1 << max(int(x) - 1, 0).bit_length())
+
+
+def padded_batches(graphs: Sequence[Any], batch_size: int) -> Iterator[tuple[Any, int]]:
+    """Padded `jraph.GraphsTuple` batches of ``graphs`` in order, with ``batch_size + 1``
+    graph slots each and node / edge budgets rounded up to powers of two (a few compiled
+    shapes whatever the data). Yields (batch, number of real graphs)."""
+    from autoperi_jax.graph import PaddingBudget, batch_graphs
+
+    for start in range(0, len(graphs), batch_size):
+        chunk = list(graphs[start : start + batch_size])
+        n_node = sum(len(g.numbers) for g in chunk)
+        n_edge = sum(len(g.senders) for g in chunk)
+        budget = PaddingBudget(_next_pow2(n_node + 1), _next_pow2(n_edge), batch_size + 1)
+        yield batch_graphs(chunk, budget), len(chunk)
+
+
+def encode_graphs(
+    encode_fn: Any, params: Any, graphs: Sequence[Any], batch_size: int = 256
+) -> np.ndarray:
+    """Latents of periodic graphs, in order.
+
+    Args:
+      encode_fn: jitted ``encode(params, batch) -> z [G, D]`` (`make_encode_fn`).
+      params: autoencoder parameters.
+      graphs: `autoperi_jax.graph.CrystalGraph` records.
+      batch_size: crystals per batch.
+
+    Returns:
+      [n, D] float32 numpy array.
+    """
+    out = []
+    for batch, count in padded_batches(graphs, batch_size):
+        out.append(np.asarray(encode_fn(params, batch))[:count])
+    if not out:
+        raise ValueError("no graphs to encode")
+    return np.concatenate(out)
+
+
+def outputs_to_crystals(
+    out: Mapping[str, Any], start: int = 0, count: int | None = None, prefix: str = "sample"
+) -> list[Crystal]:
+    """Host conversion of `make_sample_fn` output to `Crystal` objects.
+
+    Predicted properties go to ``Crystal.properties`` (so extxyz files carry them in
+    ``atoms.info`` for ``autoperi eval --property``), with ``spacegroup_requested`` and
+    ``symmetrized`` (1 / 0) when a group was requested; crystal i is named
+    ``{prefix}_{start + i:06d}``. Non-finite numbers (never expected) become a degenerate
+    but readable structure that every validity check rejects.
+
+    Args:
+      out: the sample function's output (jax or numpy arrays).
+      start: index of the first crystal (for names).
+      count: keep only the first ``count`` crystals (None = all).
+      prefix: name prefix.
+    """
+    d = jax.tree.map(np.asarray, dict(out))
+    n = d["cell"].shape[0] if count is None else count
+    d["frac"] = np.nan_to_num(d["frac"])
+    bad = ~np.isfinite(d["cell"]).all((1, 2)) | (np.linalg.det(d["cell"]) <= 1e-6)
+    d["cell"] = np.where(bad[:, None, None], np.eye(3), d["cell"])
+    names = [f"{prefix}_{start + i:06d}" for i in range(n)]
+    crystals = decoded_to_crystals(d, np.arange(d["cell"].shape[0]) < n, names)
+    props = d.get("properties", {})
+    for i, c in enumerate(crystals):
+        p = {k: float(v[i]) for k, v in props.items()}
+        if "spacegroup" in d and d["spacegroup"][i] > 0:
+            p["spacegroup_requested"] = int(d["spacegroup"][i])
+            p["symmetrized"] = int(d["symmetrized"][i])
+        c.properties.update(p)
+    return crystals
+
+
+@dataclasses.dataclass
+class Generator:
+    """A trained generative model (returned by `load`).
+
+    Attributes:
+      model: the `Autoencoder`.
+      settings: its `ModelSettings` (decoding).
+      normalisers: lattice normalisers.
+      graph_cutoff, graph_max_neighbors: the encoder's host graph settings.
+      flow_config: the latent flow's `FlowConfig`.
+      cond_names: the properties the flow is conditioned on.
+      pred_names: the properties the predictor outputs.
+      sampler: the `SamplerSettings` of ``sample_fn``.
+      params: ``{"autoencoder", "flow", "predictor", "stats"}`` (`autoperi_jax.sampling`).
+      sample_fn: ``jax.jit(sample, static_argnums=2)``: the pure sample function.
+      meta: the bundle's metadata (training metrics included).
+    """
+
+    model: Autoencoder
+    settings: ModelSettings
+    normalisers: dict[str, Any]
+    graph_cutoff: float
+    graph_max_neighbors: int | None
+    flow_config: FlowConfig
+    cond_names: tuple[str, ...]
+    pred_names: tuple[str, ...]
+    predictor_hidden: tuple[int, ...]
+    sampler: SamplerSettings
+    params: dict[str, Any]
+    sample_fn: Any
+    meta: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        self._encode = jax.jit(make_encode_fn(self.model))
+        self._decode = jax.jit(make_decode_fn(self.model, self._decode_settings, self.normalisers))
+        self._predict = jax.jit(
+            make_predict_fn(
+                PropertyHead(self.predictor_hidden, len(self.pred_names)), self.pred_names
+            )
+        )
+
+    @property
+    def _decode_settings(self) -> ModelSettings:
+        if self.sampler.num_steps is None:
+            return self.settings
+        return dataclasses.replace(self.settings, num_steps=int(self.sampler.num_steps))
+
+    @property
+    def nfe(self) -> int:
+        """Decoder network evaluations per sample (Euler steps of the coordinate flow)."""
+        return self._decode_settings.num_steps
+
+    # ----------------------------------------------------------------------- sampling
+    def sample_batches(
+        self,
+        key: jax.Array,
+        n: int,
+        conditions: Mapping[str, Any] | None = None,
+        spacegroup: int | None = None,
+        batch_size: int = 256,
+        temperature: float | None = None,
+    ) -> Iterator[list[Crystal]]:
+        """Yields the crystals of `sample` batch by batch (for writing as it goes)."""
+        n_batches = math.ceil(n / batch_size)
+        conditions = {k: float(v) for k, v in (conditions or {}).items()}
+        for b in range(n_batches):
+            out = self.sample_fn(
+                self.params,
+                jax.random.fold_in(key, b),
+                batch_size,
+                conditions,
+                None if spacegroup is None else int(spacegroup),
+                temperature,
+            )
+            count = min(batch_size, n - b * batch_size)
+            yield outputs_to_crystals(out, start=b * batch_size, count=count)
+
+    def sample(
+        self,
+        key: jax.Array,
+        n: int,
+        conditions: Mapping[str, Any] | None = None,
+        spacegroup: int | None = None,
+        batch_size: int = 256,
+        temperature: float | None = None,
+    ) -> list[Crystal]:
+        """Draws ``n`` crystals.
+
+        Args:
+          key: PRNG key; batch b uses ``fold_in(key, b)``.
+          n: number of crystals.
+          conditions: {property: value in physical units} (any subset of ``cond_names``).
+          spacegroup: requested space group 1..230 (None = any).
+          batch_size: crystals per compiled call.
+          temperature: base-noise temperature (None = the sampler's).
+
+        Returns:
+          ``n`` `Crystal` objects with the predicted properties in ``properties``.
+        """
+        out: list[Crystal] = []
+        for crystals in self.sample_batches(
+            key, n, conditions, spacegroup, batch_size, temperature
+        ):
+            out.extend(crystals)
+        return out
+
+    # ------------------------------------------------------------ encode / decode
+    def _graphs(self, crystals: Sequence[Crystal]) -> list[Any]:
+        from autoperi_jax.graph import GraphSettings, crystal_to_graph
+
+        gs = GraphSettings(cutoff=self.graph_cutoff, max_neighbors=self.graph_max_neighbors)
+        return [crystal_to_graph(c, gs) for c in crystals]
+
+    def encode(self, crystals: Sequence[Crystal], batch_size: int = 256) -> np.ndarray:
+        """Latents z [n, D] of crystals (deterministic encoder; posterior mean otherwise)."""
+        return encode_graphs(
+            self._encode, self.params["autoencoder"], self._graphs(crystals), batch_size
+        )
+
+    def decode(self, z: Any, key: jax.Array, batch_size: int = 256) -> list[Crystal]:
+        """Crystals decoded from latents z [n, D] (batch b uses ``fold_in(key, b)``; no
+        symmetrisation or constraint layer: the autoencoder's own decoding)."""
+        z = np.asarray(z, np.float32)
+        out: list[Crystal] = []
+        for b, start in enumerate(range(0, len(z), batch_size)):
+            chunk = z[start : start + batch_size]
+            pad = np.zeros((batch_size, z.shape[1]), np.float32)
+            pad[: len(chunk)] = chunk
+            dec = self._decode(
+                self.params["autoencoder"], jnp.asarray(pad), jax.random.fold_in(key, b)
+            )
+            names = [f"decoded_{start + i:06d}" for i in range(len(chunk))]
+            out.extend(decoded_to_crystals(dec, np.arange(batch_size) < len(chunk), names))
+        return out
+
+    def reconstruct(
+        self, crystals: Sequence[Crystal], key: jax.Array, batch_size: int = 256
+    ) -> list[Crystal]:
+        """Encode then decode, in order; the decoded crystals keep the input names.
+
+        Equal to `autoperi_jax.model.make_reconstruct_fn` on the same batches (crystal g
+        of batch b draws its noise from ``fold_in(fold_in(key, b), g)`` in both)."""
+        out = self.decode(self.encode(crystals, batch_size), key, batch_size)
+        for c, ref in zip(out, crystals):
+            object.__setattr__(c, "name", ref.name)
+        return out
+
+    def predict(self, crystals: Sequence[Crystal], batch_size: int = 256) -> dict[str, np.ndarray]:
+        """Predicted properties {name: [n]} (physical units) of crystals: encoder + head."""
+        return self.predict_z(self.encode(crystals, batch_size))
+
+    def predict_z(self, z: Any) -> dict[str, np.ndarray]:
+        """Predicted properties {name: [n]} of latents z [n, D]."""
+        out = self._predict(
+            self.params["predictor"], jnp.asarray(z, jnp.float32), self.params["stats"]
+        )
+        return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _known(cls: Any, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``fields`` that are dataclass fields of ``cls`` (a bundle written
+    by an older version may lack new fields, which then take their defaults; fields
+    removed since are dropped)."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+    return {k: v for k, v in fields.items() if k in names}
+
+
+def load(
+    workdir: str | Path, sampler: SamplerSettings | None = None, **overrides: Any
+) -> Generator:
+    """Loads the generative model of a run (``RUN/flow/model``, written by
+    ``autoperi train-flow``).
+
+    Args:
+      workdir: the run folder (or the bundle folder itself).
+      sampler: `SamplerSettings` (default: those saved by the flow stage).
+      **overrides: fields of `SamplerSettings` to change (e.g. ``num_steps=5``,
+        ``temperature=0.8``).
+
+    Returns:
+      A `Generator`.
+    """
+    from autoperi_jax.checkpoint import load_pytree
+
+    workdir = Path(workdir)
+    bundle = workdir if (workdir / "meta.json").exists() else workdir / BUNDLE
+    if not (bundle / "meta.json").exists():
+        raise FileNotFoundError(
+            f"{workdir}: no generative model ({bundle}/meta.json); run "
+            f"`autoperi train-flow --workdir {workdir}` first"
+        )
+    tree, meta = load_pytree(bundle)
+    tree = jax.tree.map(jnp.asarray, tree)
+    ae = meta["autoencoder"]
+    model = Autoencoder(**_known(Autoencoder, ae["model"]))
+    settings = ModelSettings(**_known(ModelSettings, ae["settings"]))
+    flow_config = FlowConfig(**meta["flow_config"])
+    if sampler is None:
+        saved = dict(meta.get("sampler", {}))
+        if "n_images" in saved:
+            saved["n_images"] = tuple(saved["n_images"])
+        sampler = SamplerSettings(**saved)
+    if overrides:
+        sampler = dataclasses.replace(sampler, **overrides)
+    cond_names = tuple(meta["cond_names"])
+    pred_names = tuple(meta["pred_names"])
+    hidden = tuple(meta["predictor_hidden"])
+    sample = make_sample_fn(
+        model, settings, ae["normalisers"], flow_config, cond_names, pred_names, hidden, sampler
+    )
+    return Generator(
+        model=model,
+        settings=settings,
+        normalisers=ae["normalisers"],
+        graph_cutoff=float(ae["graph"]["cutoff"]),
+        graph_max_neighbors=ae["graph"]["max_neighbors"],
+        flow_config=flow_config,
+        cond_names=cond_names,
+        pred_names=pred_names,
+        predictor_hidden=hidden,
+        sampler=sampler,
+        params=tree,
+        sample_fn=jax.jit(sample, static_argnums=2),
+        meta=meta,
+    )

@@ -1,0 +1,134 @@
+"""Benchmark of the jitted sampler: network evaluations per sample and valid samples/s.
+
+For each decoder step count (NFE: velocity evaluations of the coordinate decoder per
+crystal, `autoperi_jax.model.make_decode_fn`) and batch size, loads the run's generator
+(`autoperi_jax.load`), compiles ``sample_fn`` once (warm-up call, reported apart), then
+times ``--repeats`` calls of ``sample_fn(params, fold_in(key, b), batch)`` to completion
+(``block_until_ready``), and the host conversion to `Crystal` objects separately.
+Validity is the CDVAE rule (`eval.metrics.structure_validity`: all distances >= 0.5 A
+and volume >= 0.1 A^3; `eval.metrics.smact_validity`: SMACT 2.2.1 charge neutrality +
+Pauling test), checked outside the timed region. Valid samples per second =
+valid share x crystals per second of the sampler (device time only) and, in
+``valid_per_s_with_host``, with the host conversion included.
+
+Other network evaluations per crystal (fixed, independent of NFE): one pass of the
+RealNVP (K couplings), the lattice, count, species and coordinate-guess heads, and the
+property head. The connectivity classifier is not evaluated (its outputs are unused and
+XLA drops them).
+
+Usage::
+
+    python -m eval.bench_sample --workdir runs/p5_c --num-steps 20,10,5,2,1 \\
+        --batch-sizes 256,1024 --out runs/bench_sample.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _validity(crystals) -> tuple[np.ndarray, np.ndarray]:
+    from eval.metrics import smact_validity, structure_validity
+
+    struct = np.array([structure_validity(c) for c in crystals])
+    comp = np.array([smact_validity(c.numbers.tolist()) for c in crystals])
+    return struct, comp
+
+
+def bench_one(
+    workdir: str, num_steps: int, batch_size: int, repeats: int, seed: int, mode: str = "plain"
+) -> dict:
+    """Times one (NFE, batch size, mode) setting; returns a JSON-able record. ``mode``:
+    ``plain`` (marginal flow, no symmetry layer) or ``prior`` (a space group drawn from
+    the training distribution per crystal, then the symmetry layer)."""
+    import jax
+
+    from autoperi_jax import load
+    from autoperi_jax.api import outputs_to_crystals
+
+    gen = load(workdir, num_steps=num_steps, spacegroup_prior=(mode == "prior"))
+    key = jax.random.PRNGKey(seed)
+    t0 = time.perf_counter()
+    jax.block_until_ready(gen.sample_fn(gen.params, jax.random.fold_in(key, 10_000), batch_size))
+    compile_s = time.perf_counter() - t0
+    device_s, host_s, crystals = 0.0, 0.0, []
+    for b in range(repeats):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(
+            gen.sample_fn(gen.params, jax.random.fold_in(key, b), batch_size)
+        )
+        t1 = time.perf_counter()
+        crystals.extend(outputs_to_crystals(out, start=b * batch_size))
+        t2 = time.perf_counter()
+        device_s += t1 - t0
+        host_s += t2 - t1
+    struct, comp = _validity(crystals)
+    n = len(crystals)
+    valid = struct & comp
+    return {
+        "mode": mode,
+        "nfe": gen.nfe,
+        "batch_size": batch_size,
+        "n": n,
+        "compile_s": compile_s,
+        "sample_s": device_s,
+        "host_s": host_s,
+        "crystals_per_s": n / device_s,
+        "struct_validity": float(struct.mean()),
+        "comp_validity": float(comp.mean()),
+        "validity": float(valid.mean()),
+        "valid_per_s": float(valid.sum() / device_s),
+        "valid_per_s_with_host": float(valid.sum() / (device_s + host_s)),
+        "flow_layers": gen.flow_config.n_layers,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", default="runs/p5_c")
+    p.add_argument("--num-steps", default="20,10,5,2,1", help="decoder Euler steps (NFE)")
+    p.add_argument("--batch-sizes", default="256,1024")
+    p.add_argument("--modes", default="plain,prior", help="plain and/or prior (see bench_one)")
+    p.add_argument("--repeats", type=int, default=4, help="timed batches per setting")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the records as JSON")
+    args = p.parse_args(argv)
+    import jax
+
+    records = []
+    for mode in args.modes.split(","):
+        for ns in [int(s) for s in args.num_steps.split(",")]:
+            for bs in [int(b) for b in args.batch_sizes.split(",")]:
+                r = bench_one(args.workdir, ns, bs, args.repeats, args.seed, mode)
+                records.append(r)
+                print(
+                    f"{mode:5s} NFE {r['nfe']:3d}  batch {bs:5d}: "
+                    f"{r['crystals_per_s']:7.1f} crystals/s, "
+                    f"validity {r['validity']:.3f} (struct {r['struct_validity']:.3f}, comp "
+                    f"{r['comp_validity']:.3f}) -> {r['valid_per_s']:7.1f} valid/s "
+                    f"({r['valid_per_s_with_host']:.1f} with host conversion; compile "
+                    f"{r['compile_s']:.1f} s)",
+                    flush=True,
+                )
+    info = {
+        "machine": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "jax_backend": jax.default_backend(),
+        "load_average": os.getloadavg(),
+        "command": " ".join(sys.argv),
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps({"info": info, "records": records}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""`load_checkpoint` reads runs written before the sharded trainer (format 1:
+``Composite(state=StandardSave, config / normalisers / data = JsonSave)``), e.g. the shipped
+Perov-5 run runs/p5_c, and every config builds its model and loss settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from train.cli import load_config
+from train.trainer import build_model, build_settings, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _save_format_1(workdir: Path, step: int, state, config, normalisers, data) -> None:
+    """The writer of format 1, as train/trainer.py had it (``_manager`` + ``_save``)."""
+    import orbax.checkpoint as ocp
+
+    mngr = ocp.CheckpointManager(
+        (workdir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+        item_names=("state", "config", "normalisers", "data"),
+    )
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            config=ocp.args.JsonSave(config.to_dict()),
+            normalisers=ocp.args.JsonSave(normalisers),
+            data=ocp.args.JsonSave(data),
+        ),
+        force=True,
+    )
+    mngr.wait_until_finished()
+    mngr.close()
+
+
+def test_reads_format_1(tmp_path):
+    config = ml_collections.ConfigDict({"seed": 0, "model": {"max_atoms": 5}})
+    params = {"dense": {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)}}
+    state = {"params": params, "opt_state": optax.adam(1e-3).init(params), "step": jnp.int32(7)}
+    norm = {"lattice_mean": [1.0] * 6, "lattice_std": [0.5] * 6}
+    _save_format_1(tmp_path, 7, state, config, norm, {"epoch": 2, "step_in_epoch": 1})
+    ck = load_checkpoint(tmp_path)
+    assert ck["format"] == 1 and ck["step"] == 7
+    assert isinstance(ck["config"], ml_collections.ConfigDict)
+    assert ck["config"].model.max_atoms == 5
+    assert ck["normalisers"] == norm and ck["data"] == {"epoch": 2, "step_in_epoch": 1}
+    np.testing.assert_array_equal(ck["params"]["dense"]["kernel"], params["dense"]["kernel"])
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "nothing")
+
+
+@pytest.mark.skipif(not (ROOT / "runs" / "p5_c" / "checkpoints").is_dir(), reason="no p5_c run")
+def test_reads_the_shipped_perov5_run():
+    ck = load_checkpoint(ROOT / "runs" / "p5_c")
+    assert ck["format"] == 1 and ck["step"] == 6000
+    config = ck["config"]
+    model, settings = build_model(config), build_settings(config)
+    assert model.max_atoms == settings.max_atoms == 5 and settings.beta_phys == 0.0
+    leaves = jax.tree.leaves(ck["params"])
+    assert sum(int(np.prod(x.shape)) for x in leaves) > 10_000
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
+    assert len(ck["normalisers"]["lattice_mean"]) == 6
+
+
+@pytest.mark.parametrize("name", ["perov_5", "carbon_24", "mp_20", "test"])
+def test_configs_build(name):
+    c = load_config(f"train/configs/{name}.py")
+    model, settings = build_model(c), build_settings(c)
+    assert model.max_atoms == settings.max_atoms == c.model.max_atoms
+    assert settings.beta_phys == c.objective.beta_phys == 0.0
+    assert c.batch_size % max(c.num_shards, 1) == 0
+    assert {"ema_decay", "max_nonfinite_steps", "keep_checkpoints", "optimizer"} <= set(c)
+    assert c.model.max_atoms == {"perov_5": 5, "carbon_24": 24, "mp_20": 20, "test": 5}[name]
