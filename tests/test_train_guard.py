@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from train.trainer import _mean_metrics, make_train_step
+from train.trainer import _mean_metrics, initial_state, make_train_step
 
 
 def _loss_fn(params, batch, key):
@@ -18,17 +18,7 @@ def _loss_fn(params, batch, key):
 
 
 def _state(tx, ema: bool):
-    params = {"w": jnp.arange(3.0)}
-    state = {
-        "params": params,
-        "opt_state": tx.init(params),
-        "step": jnp.zeros((), jnp.int32),
-        "nonfinite": jnp.zeros((), jnp.int32),
-        "nonfinite_total": jnp.zeros((), jnp.int32),
-    }
-    if ema:
-        state["ema_params"] = jax.tree.map(jnp.copy, params)
-    return state
+    return initial_state({"w": jnp.arange(3.0)}, tx, ema)
 
 
 def test_nonfinite_steps_are_skipped_and_counted():

@@ -699,19 +699,23 @@ def make_init_state(
     """
 
     def init_state(key, example):
-        params = init_params(model, example, settings, key)
-        state = {
-            "params": params,
-            "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32),
-            "nonfinite": jnp.zeros((), jnp.int32),
-            "nonfinite_total": jnp.zeros((), jnp.int32),
-        }
-        if ema_decay > 0:
-            state["ema_params"] = jax.tree.map(jnp.copy, params)
-        return state
+        return initial_state(init_params(model, example, settings, key), tx, ema_decay > 0)
 
     return init_state
+
+
+def initial_state(params: Any, tx: optax.GradientTransformation, ema: bool) -> dict[str, Any]:
+    """The train state of `make_init_state` around given ``params`` (the one layout)."""
+    state = {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "nonfinite": jnp.zeros((), jnp.int32),
+        "nonfinite_total": jnp.zeros((), jnp.int32),
+    }
+    if ema:
+        state["ema_params"] = jax.tree.map(jnp.copy, params)
+    return state
 
 
 def make_batch_iterator(
