@@ -122,6 +122,22 @@ def resolve_dataset(spec: str | os.PathLike, data_dir: str | os.PathLike | None 
             f"DIR/{name}/ and pass --data-dir DIR or set AUTOPERI_DATA=DIR."
         )
     path = Path(spec)
+    if split and split in SPLITS and not path.exists() and Path(name).is_dir():
+        # A user's dataset folder with one entry per split: SPLIT.csv[.gz|.xz],
+        # SPLIT.extxyz or a SPLIT/ folder of CIFs.
+        root = Path(name)
+        tried = [root / f"{split}{suf}" for suf in (".csv", ".csv.gz", ".csv.xz", ".extxyz")]
+        tried.append(root / split)
+        for p in tried:
+            if p.exists():
+                return p
+        if any(root.glob("*.cif")):
+            return root  # one CIF folder: the same structures for every split
+        raise DatasetError(
+            f"{name}: no {split} split (looked for {', '.join(str(t) for t in tried)}); "
+            f"put one file per split (train.csv, val.csv, test.csv with a 'cif' column, or "
+            f".extxyz, or train/ val/ test/ folders of CIFs) in {name}"
+        )
     if not path.exists():
         raise DatasetError(
             f"{spec!r} is neither a named dataset ({', '.join(DATASETS)}) nor an existing "
@@ -482,7 +498,7 @@ def load_dataset(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     settings = settings or GraphSettings()
     spec = str(spec)
-    if split is not None and ":" not in spec and spec in DATASETS:
+    if split is not None and ":" not in spec and (spec in DATASETS or Path(spec).is_dir()):
         spec = f"{spec}:{split}"
     path = resolve_dataset(spec, data_dir)
     opts = _Options(

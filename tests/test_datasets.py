@@ -238,3 +238,15 @@ def test_cli_data_info(capsys, tmp_path, perov_rows):
     assert cli.main(["data", "info", "mp_20", "--data-dir", str(tmp_path)]) == 2
     assert "AUTOPERI_DATA" in capsys.readouterr().err
     assert os.path.exists(path)
+
+
+def test_user_folder_with_one_file_per_split(perov_rows, tmp_path):
+    root = tmp_path / "mine"
+    root.mkdir()
+    _write(perov_rows.iloc[:30], root / "train.csv")
+    _write(perov_rows.iloc[30:], root / "val.csv")
+    assert len(load_dataset(root, split="train", progress=False)) == 30
+    val = load_dataset(f"{root}:val", progress=False)
+    assert val.ids == perov_rows["material_id"].astype(str).tolist()[30:]
+    with pytest.raises(DatasetError, match=r"no test split .*test\.csv"):
+        load_dataset(root, split="test", progress=False)
