@@ -1,5 +1,5 @@
 # Two commands, both self-contained on a fresh machine (Python >= 3.11 and make):
-#   make demo   set up .venv and run the main job on the bundled Perov-5 data
+#   make demo   set up .venv, sample crystals from the shipped Perov-5 model, evaluate them
 #   make test   set up .venv, lint, and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,9 +16,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+DEMO ?= demo
 demo: setup
-	$(BIN)/autoperi data info perov_5
-	$(BIN)/autoperi data batches perov_5 --batch-size 128
+	$(BIN)/autoperi sample --pretrained perov_5 -n 1200 --seed 0 --out $(DEMO)/samples.extxyz
+	$(BIN)/autoperi sample --pretrained perov_5 -n 8 --spacegroup 221 --seed 0 \
+		--out $(DEMO)/cubic_cifs
+	$(BIN)/autoperi eval --task gen --samples $(DEMO)/samples.extxyz \
+		--reference perov_5:test --out $(DEMO)/report
+	@echo "samples: $(DEMO)/samples.extxyz and $(DEMO)/cubic_cifs/*.cif (space group 221)"
+	@echo "report:  $(DEMO)/report/report.md (metrics.json, plots *.png)"
 
 lint: setup
 	$(BIN)/ruff check .
@@ -35,7 +41,7 @@ test-slow: setup
 	$(BIN)/python -m pytest -m slow -q
 
 bench: setup
-	$(BIN)/python -m eval.bench_data --out bench_data.json
+	$(BIN)/autoperi bench --pretrained perov_5 --out bench/bench.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

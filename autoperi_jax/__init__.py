@@ -24,6 +24,8 @@ _LAZY = {
     "GraphDataset": "autoperi_jax.datasets",
     "load": "autoperi_jax.api",
     "Generator": "autoperi_jax.api",
+    "load_pretrained": "autoperi_jax.api",
+    "available_pretrained": "autoperi_jax.api",
 }
 
 __all__ = ["__version__", *_LAZY]

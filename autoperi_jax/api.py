@@ -9,7 +9,7 @@ depends on the trainer's checkpoint layout::
 
     import jax, autoperi_jax
 
-    gen = autoperi_jax.load("runs/p5_c")
+    gen = autoperi_jax.load("runs/p5_c")          # or autoperi_jax.load_pretrained("perov_5")
     crystals = gen.sample(jax.random.key(0), 100, conditions={"heat_ref": 0.5},
                           spacegroup=221)
     out = gen.sample_fn(gen.params, jax.random.key(1), 64)      # padded arrays, jitted
@@ -40,9 +40,19 @@ from autoperi_jax.model import ModelSettings, decoded_to_crystals, make_decode_f
 from autoperi_jax.nn.autoencoder import Autoencoder
 from autoperi_jax.sampling import PropertyHead, SamplerSettings, make_predict_fn, make_sample_fn
 
-__all__ = ["BUNDLE", "Generator", "encode_graphs", "load", "outputs_to_crystals"]
+__all__ = [
+    "BUNDLE",
+    "Generator",
+    "available_pretrained",
+    "encode_graphs",
+    "load",
+    "load_pretrained",
+    "outputs_to_crystals",
+    "pretrained_path",
+]
 
 BUNDLE = Path("flow") / "model"  # inside a run folder
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"  # shipped bundles, one folder each
 
 
 def _next_pow2(x: int, minimum: int = 64) -> int:
@@ -344,3 +354,49 @@ def load(
         sample_fn=jax.jit(sample, static_argnums=2),
         meta=meta,
     )
+
+
+def available_pretrained() -> list[str]:
+    """Names of the models shipped inside the package (``autoperi_jax/pretrained/NAME``)."""
+    if not PRETRAINED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / "meta.json").exists())
+
+
+def pretrained_path(name: str) -> Path:
+    """Folder of the shipped model ``name`` (a `load` bundle plus its ``MODEL_CARD.md``).
+
+    Raises:
+      FileNotFoundError: naming the models that are shipped.
+    """
+    path = PRETRAINED_DIR / name
+    if not (path / "meta.json").exists():
+        names = ", ".join(available_pretrained()) or "none"
+        raise FileNotFoundError(
+            f"no pretrained model {name!r} (shipped: {names}); for your own run use "
+            f"`autoperi_jax.load(RUN)` / `--workdir RUN`"
+        )
+    return path
+
+
+def load_pretrained(
+    name: str = "perov_5", sampler: SamplerSettings | None = None, **overrides: Any
+) -> Generator:
+    """Loads a model shipped inside the package; no network, no training run needed.
+
+    ``perov_5``: the Perov-5 autoencoder + latent flow + property predictor trained with
+    ``train/configs/perov_5.py`` and ``train/configs/flow_perov_5.py``; its training
+    command, wall time, hardware and measured metrics are in
+    ``autoperi_jax/pretrained/perov_5/MODEL_CARD.md``.
+
+    Args:
+      name: a name from `available_pretrained`.
+      sampler, **overrides: as in `load`.
+
+    Returns:
+      A `Generator`::
+
+        gen = autoperi_jax.load_pretrained("perov_5")
+        crystals = gen.sample(jax.random.key(0), 16, spacegroup=221)
+    """
+    return load(pretrained_path(name), sampler, **overrides)

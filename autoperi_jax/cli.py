@@ -157,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (DatasetError, CrystalError, FileNotFoundError) as e:
+    except (DatasetError, CrystalError, FileNotFoundError, ValueError) as e:
+        # Bad input or a bad option value: one line naming what is wrong, no traceback.
         print(f"autoperi: error: {e}", file=sys.stderr)
         return 2
 

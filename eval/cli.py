@@ -126,6 +126,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--n-render", type=int, default=6, help="structures drawn in structures.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
+    from eval.bench import register as register_bench
+
+    register_bench(subparsers)
     return p
 
 
@@ -214,13 +217,14 @@ def run(args: argparse.Namespace) -> int:
         if args.task == "recon"
         else [
             "validity", "struct_validity", "comp_validity", "cov_recall", "cov_precision",
-            "emd_density", "emd_num_elements", "emd_property", "uniqueness", "novelty",
+            "emd_density", "emd_num_elements", "emd_property", "emd_density_all_valid",
+            "emd_num_elements_all_valid", "emd_property_all_valid", "uniqueness", "novelty",
             "phonon_stable_rate", "phonon_stable_rate_reference",
         ]
     )  # fmt: skip
     print(f"{args.task}: {len(samples)} samples vs {len(reference)} reference structures")
     for k in keys:
         if m.get(k) is not None:
-            print(f"  {k:22s} {m[k]:.4f}")
+            print(f"  {k:28s} {m[k]:.4f}")
     print(f"wall time {payload['wall_time_s']:.1f} s; report: {Path(args.out) / 'report.md'}")
     return 0

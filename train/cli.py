@@ -109,27 +109,42 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reconstruct(args: argparse.Namespace) -> int:
-    from train.trainer import (
-        build_settings,
-        connectivity_metrics,
-        load_checkpoint,
-        match_metrics,
-        reconstruct_run,
+def add_model_source(p: argparse.ArgumentParser, workdir_help: str, required: bool = True) -> None:
+    """``--workdir RUN`` or ``--pretrained NAME`` (a model shipped in the package); when
+    not ``required``, neither means ``--pretrained perov_5``."""
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--workdir", help=workdir_help)
+    g.add_argument(
+        "--pretrained",
+        metavar="NAME",
+        help="a model shipped with the package instead of a run (e.g. perov_5)",
     )
 
-    preds, refs, secs, bonds = reconstruct_run(
-        args.workdir,
+
+def model_source(args: argparse.Namespace) -> Path:
+    """The bundle folder or run folder named by `add_model_source`'s options."""
+    if args.workdir:
+        return Path(args.workdir)
+    from autoperi_jax.api import pretrained_path
+
+    return pretrained_path(args.pretrained or "perov_5")
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from train.trainer import connectivity_metrics, match_metrics, reconstruct_run
+
+    preds, refs, secs, bonds, settings = reconstruct_run(
+        model_source(args),
         args.split,
         args.out,
         batch_size=args.batch_size,
         seed=args.seed,
         num_steps=args.num_steps,
         limit=args.limit,
+        progress=not args.no_progress,
     )
     print(f"wrote {len(preds)} structures to {args.out} in {secs:.1f} s")
     if args.match:
-        settings = build_settings(load_checkpoint(args.workdir)["config"])
         metrics = match_metrics(preds, refs)
         metrics.update(
             connectivity_metrics(
@@ -185,8 +200,14 @@ def register(subparsers) -> None:
         help="encode and decode a dataset split with a trained run",
         description="Writes the reconstructions in the order of the split, so "
         "`autoperi eval --task recon --samples OUT --reference DATASET:SPLIT` aligns them.",
+        epilog="examples:\n"
+        "  autoperi reconstruct --pretrained perov_5 --split test --out recon.extxyz --match\n"
+        "  autoperi reconstruct --workdir runs/perov --split test --out recon.extxyz\n"
+        "  autoperi eval --task recon --samples recon.extxyz --reference perov_5:test "
+        "--out runs/eval_recon",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    r.add_argument("--workdir", required=True, help="run folder of `autoperi train`")
+    add_model_source(r, "run folder of `autoperi train`")
     r.add_argument("--split", default="test", choices=["train", "val", "test"])
     r.add_argument("--out", required=True, help="output .extxyz (or a folder of CIFs)")
     r.add_argument("--batch-size", type=int, default=256)
@@ -196,6 +217,7 @@ def register(subparsers) -> None:
     r.add_argument(
         "--match", action="store_true", help="also print a quick StructureMatcher match rate"
     )
+    r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=_reconstruct)
     _register_generation(subparsers)
 
@@ -297,13 +319,19 @@ def _sample(args: argparse.Namespace) -> int:
 
     from autoperi_jax.api import load
 
-    overrides = {}
+    overrides: dict[str, Any] = {}
     if args.num_steps is not None:
         overrides["num_steps"] = args.num_steps
     if args.no_spacegroup_prior:
         overrides["spacegroup_prior"] = False
-    gen = load(args.workdir, **overrides)
+    gen = load(model_source(args), **overrides)
     conditions = _parse_conditions(args.condition)
+    unknown = sorted(set(conditions) - set(gen.cond_names))
+    if unknown:
+        raise ValueError(
+            f"--condition {', '.join(unknown)}: this model is conditioned on "
+            f"{', '.join(gen.cond_names) or 'no property'} only"
+        )
     t0 = time.perf_counter()
     n = write_samples(
         gen,
@@ -359,11 +387,14 @@ def _register_generation(subparsers) -> None:
         "symmetrises them onto a space group, and writes each batch as it finishes. "
         "Batch b uses fold_in(PRNGKey(seed), b): the same seed and batch size give "
         "identical files.",
-        epilog="example:\n  autoperi sample --workdir runs/p5_c -n 10000 --out gen.extxyz "
-        "--condition heat_ref=0.5 --spacegroup 221 --seed 0",
+        epilog="examples:\n"
+        "  autoperi sample --pretrained perov_5 -n 1000 --out gen.extxyz --seed 0\n"
+        "  autoperi sample --workdir runs/p5_c -n 10000 --out gen.extxyz "
+        "--condition heat_ref=0.5 --spacegroup 221 --seed 0\n"
+        "  autoperi sample --pretrained perov_5 -n 100 --out cifs/   # one CIF each",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    s.add_argument("--workdir", required=True, help="run folder with flow/model")
+    add_model_source(s, "run folder of `autoperi train-flow` (holds flow/model)")
     s.add_argument("-n", type=int, required=True, help="number of crystals")
     s.add_argument("--out", required=True, help="output .extxyz, or a folder for CIFs")
     s.add_argument(

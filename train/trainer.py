@@ -33,7 +33,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +63,7 @@ from autoperi_jax.model import (
 from autoperi_jax.nn import Autoencoder
 
 __all__ = [
+    "Reconstruction",
     "bond_graph",
     "build_model",
     "build_settings",
@@ -1070,6 +1071,16 @@ def _evaluate(config, model, settings, normalisers, params, val_ds, eval_loss, k
     return out
 
 
+class Reconstruction(NamedTuple):
+    """What `reconstruct_run` returns."""
+
+    preds: list[Crystal]  # decoded crystals, split order
+    refs: list[Crystal]  # the split's crystals
+    seconds: float  # wall time of encoding + decoding
+    bonds: list[dict[str, np.ndarray]]  # decoded bonds per crystal
+    settings: ModelSettings  # the decoding settings used
+
+
 def reconstruct_run(
     workdir: str | Path,
     split: str = "test",
@@ -1079,36 +1090,48 @@ def reconstruct_run(
     num_steps: int | None = None,
     limit: int | None = None,
     progress: bool = True,
-) -> tuple[list[Crystal], list[Crystal], float, list[dict[str, np.ndarray]]]:
+) -> Reconstruction:
     """Reconstructs a split with a trained run; writes ``out`` (extxyz) in split order.
 
-    Returns:
-      (predictions, references, seconds, decoded bonds per crystal).
+    Args:
+      workdir: a training run (its latest checkpoint), or an inference bundle folder
+        holding ``meta.json`` (``RUN/flow/model``, `autoperi_jax.api.pretrained_path`):
+        then the bundle's autoencoder and its training dataset are used.
+      split, out, batch_size, seed, num_steps, limit, progress: as the CLI options.
     """
-    ckpt = load_checkpoint(workdir)
-    config = ckpt["config"]
-    model = build_model(config)
-    settings = build_settings(config)
+    workdir = Path(workdir)
+    if (workdir / "meta.json").exists():
+        from autoperi_jax.api import load
+        from autoperi_jax.datasets import load_dataset
+
+        gen = load(workdir)
+        model, settings, normalisers = gen.model, gen.settings, gen.normalisers
+        params = gen.params["autoencoder"]
+        ds = load_dataset(
+            gen.meta["autoencoder"]["dataset"],
+            split=split,
+            settings=GraphSettings(cutoff=gen.graph_cutoff, max_neighbors=gen.graph_max_neighbors),
+            progress=progress,
+        )
+        if limit:
+            ds.graphs, ds.ids = ds.graphs[:limit], ds.ids[:limit]
+    else:
+        ckpt = load_checkpoint(workdir)
+        config = ckpt["config"]
+        model, settings = build_model(config), build_settings(config)
+        normalisers, params = ckpt["normalisers"], ckpt["params"]
+        if limit is not None:
+            with config.unlocked():
+                config.data[f"limit_{split}"] = limit
+        ds = load_split(config, split, progress)
     if num_steps is not None:
         settings = dataclasses.replace(settings, num_steps=num_steps)
-    if limit is not None:
-        with config.unlocked():
-            config.data[f"limit_{split}"] = limit
-    ds = load_split(config, split, progress)
     bonds: list[dict[str, np.ndarray]] = []
     preds, secs = reconstruct_dataset(
-        model,
-        settings,
-        ckpt["normalisers"],
-        ckpt["params"],
-        ds.graphs,
-        ds.ids,
-        batch_size,
-        seed,
-        progress,
+        model, settings, normalisers, params, ds.graphs, ds.ids, batch_size, seed, progress,
         bonds=bonds,
-    )
+    )  # fmt: skip
     if out is not None:
         write_structures(preds, out)
     refs = [ds.crystal(i) for i in range(len(ds))]
-    return preds, refs, secs, bonds
+    return Reconstruction(preds, refs, secs, bonds, settings)

@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Flow training.
     # runs/p5_c: 15,000 steps took 14 min on the shared 2-core CPU (val NLL -81.6 nats,
     # still improving slowly: -81.3 at 13,000); 12,000 keeps the stage near 10 min.
-    c.num_steps = 12000
+    c.num_steps = 20000
     c.batch_size = 256
     c.learning_rate = 1e-3
     c.warmup_steps = 500

@@ -92,7 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.batch_size = 128  # global, over all devices and processes
     c.num_shards = 0  # shards of a global batch; 0 = one per device (see train.parallel)
-    c.num_train_steps = 4000
+    c.num_train_steps = 6000
     c.optimizer = "adamw"  # or "sgd"
     c.momentum = 0.0  # sgd only
     c.learning_rate = 2e-3
@@ -105,7 +105,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.log_every = 50
     c.tensorboard = True
-    c.eval_every = 1000  # steps; -1 = every epoch; 0 = never
+    c.eval_every = 2000  # steps; -1 = every epoch; 0 = never
     c.eval_batches = 4
     c.eval_recon = 256
     c.checkpoint_every = 1000

@@ -1,0 +1,189 @@
+"""Results table of a shipped pretrained model, rendered from `autoperi eval` output.
+
+The numbers in the README's "Shipped model" table are never typed by hand: `autoperi eval`
+writes ``metrics.json``; ``collect`` copies those files next to the shipped model
+(``autoperi_jax/pretrained/NAME/eval/{gen,recon,demo}.json``), ``table`` renders the
+Markdown table from them, and ``check`` (also run by tests/test_pretrained.py) fails when
+the README's table differs from what the shipped ``metrics.json`` files say::
+
+  python -m eval.model_card collect --gen runs/pre/eval_gen --recon runs/pre/eval_recon \\
+      --demo demo/report
+  python -m eval.model_card table            # prints the Markdown block
+  python -m eval.model_card check README.md  # exit 1 on a mismatch
+  python -m eval.model_card write README.md  # replace the README block
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["END", "START", "check_readme", "render_table", "results_dir"]
+
+START = "<!-- pretrained-results:start (python -m eval.model_card write README.md) -->"
+END = "<!-- pretrained-results:end -->"
+
+# (metrics.json key, label, kind): kind "pct" = rate shown in %, "num" = 4 decimals.
+GEN_ROWS = (
+    ("struct_validity", "structural validity", "pct"),
+    ("comp_validity", "compositional validity (SMACT)", "pct"),
+    ("cov_recall", "COV-R", "pct"),
+    ("cov_precision", "COV-P", "pct"),
+    ("emd_density", "EMD density (g/cm3), 10 draws of 1,000 valid", "num"),
+    ("emd_num_elements", "EMD #elements, 10 draws of 1,000 valid", "num"),
+    ("emd_property", "EMD heat_ref (our predictor on both sides; not comparable)", "num"),
+    ("uniqueness", "uniqueness (valid)", "pct"),
+    ("novelty", "novelty vs train (valid)", "pct"),
+)
+RECON_ROWS = (
+    ("match_rate", "match rate (valid predictions, CDVAE matcher)", "pct"),
+    ("rmse", "RMSE (normalised by (V/N)^(1/3))", "num"),
+    ("match_rate_ceiling", "ceiling: share of valid reference crystals", "pct"),
+    ("spacegroup_preserved", "space group preserved (spglib 0.1)", "pct"),
+)
+DEMO_ROWS = (*GEN_ROWS[:6], GEN_ROWS[7])  # no novelty: the demo evaluates without --train
+PUBLISHED = ("CDVAE", "DiffCSP")
+FILES = {"gen": GEN_ROWS, "recon": RECON_ROWS, "demo": DEMO_ROWS}
+TITLES = {
+    "gen": "Generation, 10,000 samples (seed 0) vs the 3,785 test crystals",
+    "recon": "Reconstruction of the 3,785 test crystals",
+    "demo": "`make demo`: 1,200 samples (seed 0) vs the test crystals",
+}
+# The commands that produced each metrics file (the eval command is also recorded
+# inside the file as inputs.command).
+COMMANDS = {
+    "gen": (
+        "autoperi sample --pretrained perov_5 -n 10000 --seed 0 --out gen.extxyz",
+        "autoperi eval --task gen --samples gen.extxyz --reference perov_5:test "
+        "--train perov_5:train --out OUT",
+    ),
+    "recon": (
+        "autoperi reconstruct --pretrained perov_5 --split test --out recon.extxyz",
+        "autoperi eval --task recon --samples recon.extxyz --reference perov_5:test --out OUT",
+    ),
+    "demo": ("make demo",),
+}
+
+
+def results_dir(name: str = "perov_5") -> Path:
+    """``autoperi_jax/pretrained/NAME/eval``: the shipped model's `autoperi eval` output."""
+    from autoperi_jax.api import pretrained_path
+
+    return pretrained_path(name) / "eval"
+
+
+def _fmt(value: Any, kind: str, std: Any = None) -> str:
+    if value is None:
+        return "n/a"
+    if kind == "pct":
+        return f"{100 * value:.2f} %"
+    text = f"{value:.4f}"
+    return f"{text} +- {std:.4f}" if std is not None else text
+
+
+def render_table(name: str = "perov_5", folder: Path | None = None) -> str:
+    """The Markdown block (between `START` and `END`) for the shipped model ``name``."""
+    folder = results_dir(name) if folder is None else Path(folder)
+    lines = [START, ""]
+    for kind, rows in FILES.items():
+        path = folder / f"{kind}.json"
+        if not path.exists():
+            continue
+        d = json.loads(path.read_text())
+        m, pub = d["metrics"], d.get("published", {}).get("models", {})
+        # The demo's 1,200 samples are not the protocol's 10,000 (COV-R grows with n), so
+        # no published column beside it.
+        cols = [p for p in PUBLISHED if p in pub and pub[p].get("values") and kind != "demo"]
+        lines.append(f"**{TITLES[kind]}** (`autoperi_jax/pretrained/{name}/eval/{kind}.json`)")
+        lines.append("")
+        lines.append("| metric | shipped model |" + "".join(f" {c} |" for c in cols))
+        lines.append("|---" * (2 + len(cols)) + "|")
+        for key, label, fmt in rows:
+            ours = _fmt(m.get(key), fmt, m.get(f"{key}_std"))
+            # Published property EMDs used each paper's own predictor: not comparable.
+            theirs = [
+                _fmt(pub[c]["values"].get(key), fmt) if key != "emd_property" else "" for c in cols
+            ]
+            theirs = [t if t != "n/a" else "" for t in theirs]
+            lines.append(f"| {label} | {ours} |" + "".join(f" {t} |" for t in theirs))
+        lines.append("")
+        cmds = "; ".join(f"`{c}`" for c in COMMANDS[kind])
+        wall = d.get("wall_time_s")
+        lines.append(f"Commands: {cmds} (evaluation wall time {wall:.0f} s on 2 CPU cores).")
+        lines.append("")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def _block(text: str) -> str | None:
+    i, j = text.find(START), text.find(END)
+    if i < 0 or j < 0:
+        return None
+    return text[i : j + len(END)]
+
+
+def check_readme(readme: str | Path, name: str = "perov_5") -> list[str]:
+    """Differences between the README's results block and the shipped metrics (empty =
+    they agree)."""
+    have = _block(Path(readme).read_text())
+    if have is None:
+        return [f"{readme}: no results block ({START} ... {END})"]
+    want = render_table(name)
+    if have == want:
+        return []
+    a, b = have.splitlines(), want.splitlines()
+    diffs = [f"README: {x!r}\nshipped: {y!r}" for x, y in zip(a, b) if x != y]
+    if len(a) != len(b):
+        diffs.append(f"README block has {len(a)} lines, the rendered one {len(b)}")
+    return diffs
+
+
+def _collect(args: argparse.Namespace) -> int:
+    out = results_dir(args.name)
+    out.mkdir(exist_ok=True)
+    for kind in FILES:
+        src = getattr(args, kind)
+        if src:
+            shutil.copyfile(Path(src) / "metrics.json", out / f"{kind}.json")
+            print(f"{Path(src) / 'metrics.json'} -> {out / f'{kind}.json'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.model_card", description=__doc__)
+    p.add_argument("--name", default="perov_5", help="shipped model (default perov_5)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("collect", help="copy autoperi eval output next to the shipped model")
+    for kind in FILES:
+        c.add_argument(f"--{kind}", help=f"`autoperi eval` output folder ({TITLES[kind]})")
+    sub.add_parser("table", help="print the Markdown block")
+    for cmd in ("check", "write"):
+        sub.add_parser(cmd, help=f"{cmd} the README block").add_argument("readme")
+    args = p.parse_args(argv)
+    if args.cmd == "collect":
+        return _collect(args)
+    if args.cmd == "table":
+        print(render_table(args.name))
+        return 0
+    if args.cmd == "check":
+        diffs = check_readme(args.readme, args.name)
+        for d in diffs:
+            print(d)
+        print("README results table matches the shipped metrics" if not diffs else "MISMATCH")
+        return 1 if diffs else 0
+    text = Path(args.readme).read_text()
+    old = _block(text)
+    new = render_table(args.name)
+    if old is None:
+        raise SystemExit(f"{args.readme}: add the two marker lines first:\n{START}\n{END}")
+    Path(args.readme).write_text(text.replace(old, new))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
