@@ -190,3 +190,22 @@ def test_sample_writes_each_finished_batch_before_a_crash(gen, tmp_path):
     assert len(list(folder.glob("sample_*.cif"))) == 5
     lines = (folder / "properties.csv").read_text().splitlines()
     assert lines[0].startswith("name,") and "heat_ref" in lines[0] and len(lines) == 6
+
+
+def test_checkpoint_from_shipped_bundle_is_its_autoencoder(perov_test):
+    """`autoperi train-flow --pretrained perov_5` trains on the shipped encoder: the
+    checkpoint it builds encodes exactly like the shipped model."""
+    import autoperi_jax
+    from autoperi_jax.api import encode_graphs, pretrained_path
+    from autoperi_jax.model import make_encode_fn
+    from train.flow_stage import checkpoint_from_bundle
+    from train.trainer import build_model
+
+    ckpt = checkpoint_from_bundle(pretrained_path("perov_5"))
+    gen = autoperi_jax.load_pretrained("perov_5")
+    crystals = [perov_test.crystal(i) for i in range(4)]
+    z_ref = gen.encode(crystals)
+    encode = jax.jit(make_encode_fn(build_model(ckpt["config"])))
+    z = encode_graphs(encode, ckpt["params"], gen._graphs(crystals))
+    np.testing.assert_allclose(z, z_ref, atol=1e-5)
+    assert ckpt["step"] == 6000 and ckpt["config"].data.dataset == "perov_5"

@@ -247,7 +247,13 @@ def _train_flow(args: argparse.Namespace) -> int:
         if args.no_progress:
             config.progress = False
     apply_overrides(config, args.overrides)
-    summary = train_flow(args.workdir, config)
+    checkpoint = None
+    if args.pretrained:
+        from autoperi_jax.api import pretrained_path
+        from train.flow_stage import checkpoint_from_bundle
+
+        checkpoint = checkpoint_from_bundle(pretrained_path(args.pretrained))
+    summary = train_flow(args.workdir, config, checkpoint)
     print(json.dumps(summary, indent=2, default=float))
     return 0
 
@@ -364,10 +370,24 @@ def _register_generation(subparsers) -> None:
             "encoder, trains the conditional RealNVP on the standardised latents and a "
             "property predictor, and saves RUN/flow/model (see train/flow_stage.py). "
             "Override config fields with --config.KEY=VALUE.",
+            epilog="examples:\n  autoperi train-flow --workdir runs/perov --steps 20000\n"
+            "  autoperi train-flow --pretrained perov_5 --workdir runs/gap_flow "
+            "--properties dir_gap,ind_gap",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     finally:
         subparsers._parser_class = parser_class
-    f.add_argument("--workdir", required=True, help="run folder of `autoperi train`")
+    f.add_argument(
+        "--workdir",
+        required=True,
+        help="run folder of `autoperi train` (with --pretrained: the output folder)",
+    )
+    f.add_argument(
+        "--pretrained",
+        metavar="NAME",
+        help="train a new flow + predictor on a shipped model's autoencoder (e.g. perov_5) "
+        "instead of the run's; results go to WORKDIR/flow",
+    )
     f.add_argument("--config", default=None, help="flow config (default flow_perov_5)")
     f.add_argument("--steps", type=int, default=None, help="flow training steps")
     f.add_argument("--batch-size", type=int, default=None)

@@ -325,6 +325,26 @@ def _ae_meta(ckpt: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def checkpoint_from_bundle(bundle: str | Path) -> dict[str, Any]:
+    """The stage-1 autoencoder of an inference bundle (e.g. a shipped model,
+    `autoperi_jax.api.pretrained_path`) in the form `train.trainer.load_checkpoint` returns,
+    so `train_flow` can train a new flow on it. The bundle must hold the autoencoder's
+    training config as ``train_config.json``."""
+    from autoperi_jax.checkpoint import load_pytree
+
+    bundle = Path(bundle)
+    if not (bundle / "train_config.json").exists():
+        raise FileNotFoundError(f"{bundle}: no train_config.json (the autoencoder's config)")
+    tree, meta = load_pytree(bundle)
+    config = ml_collections.ConfigDict(json.loads((bundle / "train_config.json").read_text()))
+    return {
+        "config": config,
+        "params": jax.tree.map(jnp.asarray, tree["autoencoder"]),
+        "normalisers": meta["autoencoder"]["normalisers"],
+        "step": int(meta["autoencoder"]["step"]),
+    }
+
+
 def train_flow(
     workdir: str | Path,
     config: ml_collections.ConfigDict,
