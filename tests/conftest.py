@@ -30,6 +30,26 @@ def perov_test():
     return load_dataset("perov_5:test", progress=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_perov_data(tmp_path_factory) -> str:
+    """A data dir (for ``config.data.data_dir``) holding the first ``limit_SPLIT`` rows of
+    each bundled Perov-5 split, with the limits of ``train/configs/test.py``, so the tiny
+    training runs preprocess little."""
+    import pandas as pd
+
+    from autoperi_jax.datasets import resolve_dataset
+    from train.cli import load_config
+
+    config = load_config("train/configs/test.py")
+    data_dir = tmp_path_factory.mktemp("tiny_perov_5")
+    (data_dir / "perov_5").mkdir()
+    for split in ("train", "val", "test"):
+        rows = config.data[f"limit_{split}"]
+        frame = pd.read_csv(resolve_dataset(f"perov_5:{split}"), nrows=rows)
+        frame.to_csv(data_dir / "perov_5" / f"{split}.csv", index=False)
+    return str(data_dir)
+
+
 @pytest.fixture
 def x64():
     """Enables float64 in JAX for one test and restores the previous setting."""

@@ -15,27 +15,19 @@ from train.cli import load_config, write_samples
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tiny_perov_data):
     """A tiny flow stage on an untrained tiny autoencoder (the test config; initial
     parameters stand in for a trained run, which would cost a minute of compilation) on
     the first rows of the bundled Perov-5 splits."""
     import jax.numpy as jnp
-    import pandas as pd
 
     from autoperi_jax.api import padded_batches
-    from autoperi_jax.datasets import resolve_dataset
     from autoperi_jax.model import compute_normalisers, init_params
     from train.flow_stage import train_flow
     from train.trainer import build_model, build_settings, load_split
 
     config = load_config("train/configs/test.py")
-    data_dir = tmp_path_factory.mktemp("data")
-    (data_dir / "perov_5").mkdir()
-    for split in ("train", "val", "test"):
-        rows = config.data[f"limit_{split}"]
-        frame = pd.read_csv(resolve_dataset(f"perov_5:{split}"), nrows=rows)
-        frame.to_csv(data_dir / "perov_5" / f"{split}.csv", index=False)
-    config.data.data_dir = str(data_dir)
+    config.data.data_dir = tiny_perov_data
     model, settings = build_model(config), build_settings(config)
     graphs = load_split(config, "train", progress=False).graphs
     batch, _ = next(padded_batches(graphs[:4], 4))

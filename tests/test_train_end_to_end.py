@@ -13,21 +13,11 @@ from train.trainer import load_checkpoint, train_and_evaluate
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tiny_perov_data):
     """Trains the test config on the first rows of the bundled Perov-5 splits (written to
     a temporary data dir so preprocessing stays small)."""
-    import pandas as pd
-
-    from autoperi_jax.datasets import resolve_dataset
-
     config = load_config("train/configs/test.py")
-    data_dir = tmp_path_factory.mktemp("data")
-    (data_dir / "perov_5").mkdir()
-    for split in ("train", "val", "test"):
-        rows = config.data[f"limit_{split}"]
-        frame = pd.read_csv(resolve_dataset(f"perov_5:{split}"), nrows=rows)
-        frame.to_csv(data_dir / "perov_5" / f"{split}.csv", index=False)
-    config.data.data_dir = str(data_dir)
+    config.data.data_dir = tiny_perov_data
     workdir = tmp_path_factory.mktemp("run")
     result = train_and_evaluate(config, workdir)
     return workdir, config, result
