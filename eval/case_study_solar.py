@@ -116,19 +116,23 @@ def plot(results: dict, out: Path, dataset_gaps: np.ndarray) -> Path:
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     bins = np.linspace(0, 5, 26)
-    for i, name in enumerate(results["sets"]):
+    names = results["sets"]
+    x = np.arange(len(names))
+    bars = (("gapped_share", "gap > 0"), ("in_window_share", f"{WINDOW[0]}-{WINDOW[1]} eV"))
+    for j, (what, label) in enumerate(bars):
+        vals = [100 * (results[n]["dft_lookup"][what] or 0.0) for n in names]
+        ax[0].bar(x + 0.4 * j - 0.2, vals, 0.4, label=label, color=("C0", "gold")[j])
+    ax[0].set_xticks(x, [n.replace("conditioned_", "cond. ") for n in names], fontsize=8)
+    for i, name in enumerate(names):
         color = "0.5" if name == "unconditioned" else f"C{i + 2}"
-        g = np.array(results[name]["_gaps"])
-        w = np.full(len(g), 1 / max(len(g), 1))
-        ax[0].hist(g, bins, weights=w, histtype="step", lw=2, color=color, label=name)
+        g = np.array(results[name]["gaps"])
         g = g[g > 0]
         ax[1].hist(g, bins, histtype="step", lw=2, color=color, label=f"{name} ({len(g)})")
     ref = dataset_gaps[dataset_gaps > 0]
     ax[1].hist(ref, bins, weights=np.full(len(ref), 0.1), color="0.85", label="Perov-5 x 0.1")
-    for a in ax:
-        a.axvspan(*WINDOW, color="gold", alpha=0.3, lw=0)
-        a.set_xlabel("DFT direct gap of the matched Perov-5 crystal (eV)")
-    ax[0].set_ylabel("share of matched valid samples")
+    ax[1].axvspan(*WINDOW, color="gold", alpha=0.3, lw=0)
+    ax[1].set_xlabel("DFT direct gap of the matched Perov-5 crystal (eV)")
+    ax[0].set_ylabel("% of matched valid samples")
     ax[1].set_ylabel("count (gapped only)")
     ax[0].legend()
     ax[1].legend(fontsize=8)
@@ -154,7 +158,15 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", help="a run folder instead of the shipped model")
     p.add_argument("--out", default="runs/case_study")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--replot", action="store_true", help="only redraw OUT/gap_hist.png from case_study.json"
+    )
     args = p.parse_args(argv)
+    if args.replot:
+        results = json.loads((Path(args.out) / "case_study.json").read_text())
+        gaps = np.array(results["perov5_gaps_gapped"])
+        print(plot(results, Path(args.out), gaps))
+        return 0
 
     import jax
 
@@ -188,17 +200,16 @@ def main(argv=None) -> int:
         gaps = lookup_gaps(crystals, index)
         r = summarize(crystals, gaps, train_ids)
         r["sample_s"], r["lookup_s"] = t1 - t0, time.perf_counter() - t1
-        r["_gaps"] = [h[0] for h in gaps if h is not None]
+        r["gaps"] = [h[0] for h in gaps if h is not None]
         results[name] = r
         if not args.quiet:
-            print(f"{name}: {json.dumps({k: v for k, v in r.items() if k[0] != '_'})[:600]}")
+            print(f"{name}: {json.dumps({k: v for k, v in r.items() if k != 'gaps'})[:600]}")
     all_gaps = np.array([g for rows in index.values() for _, g, _ in rows])
     results["perov5_in_window_share"] = float(
         ((all_gaps >= WINDOW[0]) & (all_gaps <= WINDOW[1])).mean()
     )
+    results["perov5_gaps_gapped"] = all_gaps[all_gaps > 0].tolist()
     plot(results, out, all_gaps)
-    for name in results["sets"]:
-        results[name].pop("_gaps")
     results["command"] = "python -m eval.case_study_solar " + " ".join(sys.argv[1:])
     (out / "case_study.json").write_text(json.dumps(results, indent=2))
     shares = ", ".join(
