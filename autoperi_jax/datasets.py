@@ -105,7 +105,7 @@ def resolve_dataset(spec: str | os.PathLike, data_dir: str | os.PathLike | None 
         split = split or "train"
         if split not in SPLITS:
             raise DatasetError(f"unknown split {split!r} in {spec!r}; use one of {SPLITS}")
-        roots = [Path(p) for p in (data_dir, os.environ.get("AUTOPERI_DATA")) if p]
+        roots = [Path(p).expanduser() for p in (data_dir, os.environ.get("AUTOPERI_DATA")) if p]
         if name == "perov_5":
             roots.append(BUNDLED_DIR)
         tried = []

@@ -177,7 +177,20 @@ def register(subparsers) -> None:
             "train",
             help="train the periodic autoencoder",
             description="Train with an ml_collections config; override fields with "
-            "--config.KEY=VALUE (e.g. --config.model.image_embedding=raw).",
+            "--config.KEY=VALUE (e.g. --config.model.image_embedding=raw). Re-running the "
+            "same command resumes from the last checkpoint; exit 0 = finished or stopped "
+            "by SIGTERM/SIGINT after saving, 3 = stopped by the non-finite guard.",
+            epilog="examples:\n"
+            "  autoperi train --config train/configs/perov_5.py --workdir runs/perov\n"
+            "  autoperi train --config train/configs/test.py --workdir runs/smoke  # ~1 min\n"
+            "  autoperi train --config train/configs/mp_20.py --workdir runs/mp20 "
+            "--config.data.data_dir=~/data\n"
+            "  # two hosts (run on each, I = 0 and 1):\n"
+            "  autoperi train --config train/configs/perov_5.py --workdir runs/perov "
+            "--coordinator host0:1234 --num-processes 2 --process-id I\n"
+            "then: autoperi train-flow --workdir runs/perov; autoperi sample --workdir "
+            "runs/perov -n 100 --out gen.extxyz",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     finally:
         subparsers._parser_class = parser_class
