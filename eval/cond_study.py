@@ -172,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--num-steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None, help="latent guidance weight w")
-    p.add_argument("--candidates", type=int, default=None, help="best-of-K flow draws")
+    p.add_argument(
+        "--symmetry-retries",
+        type=int,
+        default=None,
+        help="requested group: extra candidates per crystal (SamplerSettings.symmetry_retries)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -185,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["num_steps"] = args.num_steps
     if args.guidance is not None:
         overrides["guidance"] = args.guidance
-    if args.candidates is not None:
-        overrides["candidates"] = args.candidates
+    if args.symmetry_retries is not None:
+        overrides["symmetry_retries"] = args.symmetry_retries
     gen = load(args.workdir, **overrides)
     result: dict = {"command": " ".join(sys.argv), "nfe": gen.nfe,
                     "sampler": dataclasses.asdict(gen.sampler)}  # fmt: skip
