@@ -183,3 +183,16 @@ def test_demo_reproduces_the_shipped_demo_metrics(tmp_path):
         assert got[key] == pytest.approx(want[key], abs=0.01), key
     assert (tmp_path / "report" / "report.md").exists()
     assert list((tmp_path / "report").glob("*.png"))
+
+
+def test_cli_reconstruct_pretrained(tmp_path):
+    from ase.io import read
+
+    out = tmp_path / "r.extxyz"
+    args = ["reconstruct", "--pretrained", "perov_5", "--split", "test", "--limit", "8"]
+    r = _cli(*args, "--out", str(out), "--match", "--no-progress", "--batch-size", "8", cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    frames = read(out, ":")
+    assert len(frames) == 8
+    metrics = json.loads(r.stdout[r.stdout.index("{") :])
+    assert metrics["n"] == 8 and metrics["match_rate"] >= 0.75
