@@ -42,19 +42,6 @@ SECTIONS = ("data", "train", "sample", "batch_scaling", "atom_scaling")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _compile_counter():
-    import jax.monitoring
-
-    events: list[str] = []
-
-    def listener(event: str, duration: float, **kw: Any) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(str(kw.get("fun_name", "")))
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    return events
-
-
 def _time(fn, repeats: int) -> float:
     """Seconds per call of ``fn()`` (blocked), after one warm-up call."""
     import jax
@@ -143,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from eval.bench_sample import bench_one
+    from eval.bench_train import count_compiles
     from train.cli import model_source
 
     sections = [s for s in args.sections.split(",") if s]
@@ -166,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         }
     }
     t0 = time.perf_counter()
-    compiles = _compile_counter()
+    compiles = count_compiles()
     if "data" in sections:
         from eval.bench_data import main as bench_data
 
@@ -181,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"bench: sample ({mode})", flush=True)
             n0 = len(compiles)
             r = bench_one(str(model_dir), args.nfe, 256, repeats, 0, mode)
-            r["sample_fn_compiles"] = sum("sample" in c for c in compiles[n0:])
+            r["sample_fn_compiles"] = sum("sample" in name for name, _ in compiles[n0:])
             recs.append(r)
         result["sample"] = recs
     if "batch_scaling" in sections:

@@ -32,16 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-
-def _validity(crystals) -> tuple[np.ndarray, np.ndarray]:
-    from eval.metrics import smact_validity, structure_validity
-
-    struct = np.array([structure_validity(c) for c in crystals])
-    comp = np.array([smact_validity(c.numbers.tolist()) for c in crystals])
-    return struct, comp
-
 
 def bench_one(
     workdir: str, num_steps: int, batch_size: int, repeats: int, seed: int, mode: str = "plain"
@@ -53,6 +43,7 @@ def bench_one(
 
     from autoperi_jax import load
     from autoperi_jax.api import outputs_to_crystals
+    from eval.metrics import crystal_validity
 
     gen = load(workdir, num_steps=num_steps, spacegroup_prior=(mode == "prior"))
     key = jax.random.PRNGKey(seed)
@@ -70,7 +61,7 @@ def bench_one(
         t2 = time.perf_counter()
         device_s += t1 - t0
         host_s += t2 - t1
-    struct, comp = _validity(crystals)
+    struct, comp = crystal_validity(crystals)
     n = len(crystals)
     valid = struct & comp
     return {

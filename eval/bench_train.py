@@ -42,10 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET_EPOCH_S = 60.0
 
 
-def _worker(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
-    import jax
+def count_compiles() -> list[tuple[str, float]]:
+    """A list that from now on receives ``(function name, seconds)`` for every XLA backend
+    compilation in this process (`jax.monitoring` event
+    ``/jax/core/compile/backend_compile_duration``)."""
     import jax.monitoring
-    import numpy as np
 
     compiles: list[tuple[str, float]] = []
 
@@ -54,6 +55,14 @@ def _worker(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
             compiles.append((str(kw.get("fun_name", "")), float(duration)))
 
     jax.monitoring.register_event_duration_secs_listener(listener)
+    return compiles
+
+
+def _worker(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    import jax
+    import numpy as np
+
+    compiles = count_compiles()
 
     from autoperi_jax.model import compute_normalisers, make_loss_fn
     from train import parallel

@@ -71,9 +71,10 @@ def lookup_gaps(crystals, index) -> list[tuple[float, str] | None]:
 
 def summarize(crystals, gaps, train_index_ids: set[str]) -> dict:
     """Validity, novelty and gap statistics of one sample set."""
-    from eval.metrics import smact_validity, structure_validity
+    from eval.metrics import crystal_validity
 
-    valid = [structure_validity(c) and smact_validity(c.numbers.tolist()) for c in crystals]
+    struct, comp = crystal_validity(crystals)
+    valid = struct & comp
     v = [i for i, ok in enumerate(valid) if ok]
     known = [(i, gaps[i]) for i in v if gaps[i] is not None]
     g = np.array([h[0] for _, h in known])

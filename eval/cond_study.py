@@ -42,14 +42,6 @@ import numpy as np
 TOLERANCE = {"heat_ref": 0.1, "heat_all": 0.1, "dir_gap": 0.2, "ind_gap": 0.2}
 
 
-def _valid(crystals) -> np.ndarray:
-    from eval.metrics import smact_validity, structure_validity
-
-    return np.array(
-        [structure_validity(c) and smact_validity(c.numbers.tolist()) for c in crystals]
-    )
-
-
 def _score(pred: np.ndarray, target: float, tol: float) -> dict:
     err = np.abs(pred - target)
     return {
@@ -60,8 +52,11 @@ def _score(pred: np.ndarray, target: float, tol: float) -> dict:
 
 
 def _draw(gen, key, n, batch_size, **kw):
+    from eval.metrics import crystal_validity
+
     crystals = gen.sample(key, n, batch_size=batch_size, **kw)
-    valid = _valid(crystals)
+    struct, comp = crystal_validity(crystals)
+    valid = struct & comp
     good = [c for c, v in zip(crystals, valid) if v]
     return crystals, valid, good
 

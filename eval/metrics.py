@@ -46,6 +46,7 @@ __all__ = [
     "compute_features",
     "conditional_metrics",
     "coverage",
+    "crystal_validity",
     "draw_indices",
     "emd",
     "emd_report",
@@ -253,6 +254,16 @@ class Features:
 
 
 _NAN6 = (float("nan"),) * 6
+
+
+def crystal_validity(crystals: Sequence[Crystal]) -> tuple[np.ndarray, np.ndarray]:
+    """CDVAE's validity of each crystal, serially (no fingerprints; `compute_features` is
+    the parallel path of the evaluation): ``(struct, comp)`` bool arrays [n] from
+    `structure_validity` (distances >= 0.5 A, volume >= 0.1 A^3) and `smact_validity`
+    (SMACT 2.2.1 rule). A crystal is valid when both hold."""
+    struct = np.array([structure_validity(c) for c in crystals], bool)
+    comp = np.array([smact_validity(c.numbers.tolist()) for c in crystals], bool)
+    return struct, comp
 
 
 def _features_one(c: Crystal | None, symprec: float, cutoff: float, min_volume: float) -> dict:

@@ -168,32 +168,39 @@ class _OverrideParser(argparse.ArgumentParser):
         return ns, extras
 
 
-def register(subparsers) -> None:
-    """Adds ``train`` and ``reconstruct`` to the ``autoperi`` command line."""
+def _add_override_parser(subparsers, name: str, **kwargs) -> argparse.ArgumentParser:
+    """``subparsers.add_parser`` with the `_OverrideParser` class (argparse creates every
+    sub-parser with one class, so it is swapped for this call only)."""
     parser_class = subparsers._parser_class
     subparsers._parser_class = _OverrideParser
     try:
-        p = subparsers.add_parser(
-            "train",
-            help="train the periodic autoencoder",
-            description="Train with an ml_collections config; override fields with "
-            "--config.KEY=VALUE (e.g. --config.model.image_embedding=raw). Re-running the "
-            "same command resumes from the last checkpoint; exit 0 = finished or stopped "
-            "by SIGTERM/SIGINT after saving, 3 = stopped by the non-finite guard.",
-            epilog="examples:\n"
-            "  autoperi train --config train/configs/perov_5.py --workdir runs/perov\n"
-            "  autoperi train --config train/configs/test.py --workdir runs/smoke  # ~1 min\n"
-            "  autoperi train --config train/configs/mp_20.py --workdir runs/mp20 "
-            "--config.data.data_dir=~/data\n"
-            "  # two hosts (run on each, I = 0 and 1):\n"
-            "  autoperi train --config train/configs/perov_5.py --workdir runs/perov "
-            "--coordinator host0:1234 --num-processes 2 --process-id I\n"
-            "then: autoperi train-flow --workdir runs/perov; autoperi sample --workdir "
-            "runs/perov -n 100 --out gen.extxyz",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+        return subparsers.add_parser(name, **kwargs)
     finally:
         subparsers._parser_class = parser_class
+
+
+def register(subparsers) -> None:
+    """Adds ``train`` and ``reconstruct`` to the ``autoperi`` command line."""
+    p = _add_override_parser(
+        subparsers,
+        "train",
+        help="train the periodic autoencoder",
+        description="Train with an ml_collections config; override fields with "
+        "--config.KEY=VALUE (e.g. --config.model.image_embedding=raw). Re-running the "
+        "same command resumes from the last checkpoint; exit 0 = finished or stopped "
+        "by SIGTERM/SIGINT after saving, 3 = stopped by the non-finite guard.",
+        epilog="examples:\n"
+        "  autoperi train --config train/configs/perov_5.py --workdir runs/perov\n"
+        "  autoperi train --config train/configs/test.py --workdir runs/smoke  # ~1 min\n"
+        "  autoperi train --config train/configs/mp_20.py --workdir runs/mp20 "
+        "--config.data.data_dir=~/data\n"
+        "  # two hosts (run on each, I = 0 and 1):\n"
+        "  autoperi train --config train/configs/perov_5.py --workdir runs/perov "
+        "--coordinator host0:1234 --num-processes 2 --process-id I\n"
+        "then: autoperi train-flow --workdir runs/perov; autoperi sample --workdir "
+        "runs/perov -n 100 --out gen.extxyz",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", required=True, help="config file, e.g. train/configs/perov_5.py")
     p.add_argument("--workdir", required=True, help="run folder (metrics, checkpoints)")
     p.add_argument(
@@ -373,23 +380,19 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _register_generation(subparsers) -> None:
     """``train-flow`` and ``sample``."""
-    parser_class = subparsers._parser_class
-    subparsers._parser_class = _OverrideParser
-    try:
-        f = subparsers.add_parser(
-            "train-flow",
-            help="train the latent flow and property predictor of an autoencoder run",
-            description="Second stage: encodes the train / val splits with the run's frozen "
-            "encoder, trains the conditional RealNVP on the standardised latents and a "
-            "property predictor, and saves RUN/flow/model (see train/flow_stage.py). "
-            "Override config fields with --config.KEY=VALUE.",
-            epilog="examples:\n  autoperi train-flow --workdir runs/perov --steps 20000\n"
-            "  autoperi train-flow --pretrained perov_5 --workdir runs/gap_flow "
-            "--properties dir_gap,ind_gap",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-    finally:
-        subparsers._parser_class = parser_class
+    f = _add_override_parser(
+        subparsers,
+        "train-flow",
+        help="train the latent flow and property predictor of an autoencoder run",
+        description="Second stage: encodes the train / val splits with the run's frozen "
+        "encoder, trains the conditional RealNVP on the standardised latents and a "
+        "property predictor, and saves RUN/flow/model (see train/flow_stage.py). "
+        "Override config fields with --config.KEY=VALUE.",
+        epilog="examples:\n  autoperi train-flow --workdir runs/perov --steps 20000\n"
+        "  autoperi train-flow --pretrained perov_5 --workdir runs/gap_flow "
+        "--properties dir_gap,ind_gap",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     f.add_argument(
         "--workdir",
         required=True,
