@@ -3,6 +3,7 @@ and `autoperi reconstruct` writes the split in order."""
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -64,3 +65,24 @@ def test_reconstruct_cli_writes_split_in_order(run, tmp_path, capsys):
     assert [c.name for c in crystals] == ref.ids[:n]
     printed = capsys.readouterr().out
     assert "match_rate" in printed
+
+
+def test_init_from_starts_from_the_source_parameters(run, tmp_path):
+    """``config.init_from``: step 0 holds the source run's parameters and normalisers
+    (learning rate 0, so two steps keep them), a fresh optimiser; a different model
+    config is refused with the differing keys named."""
+    src, config, _ = run
+    source = load_checkpoint(src)
+    tuned = config.copy_and_resolve_references()
+    tuned.init_from = str(src)
+    tuned.num_train_steps, tuned.learning_rate, tuned.eval_every = 2, 0.0, 0
+    train_and_evaluate(tuned, tmp_path / "tuned")
+    ck = load_checkpoint(tmp_path / "tuned")
+    assert ck["step"] == 2 and ck["normalisers"] == source["normalisers"]
+    for a, b in zip(jax.tree.leaves(ck["raw_params"]), jax.tree.leaves(source["raw_params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    other = tuned.copy_and_resolve_references()
+    other.model.latent_struct = config.model.latent_struct + 1
+    with pytest.raises(ValueError, match="latent_struct"):
+        train_and_evaluate(other, tmp_path / "other")

@@ -25,6 +25,7 @@ shrink z to inflate log p.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import signal
@@ -791,6 +792,41 @@ def _restore(ckpt, abstract: Any) -> tuple[Any, dict[str, Any], int]:
     return out
 
 
+def _init_from(
+    config: ml_collections.ConfigDict,
+    source: Path,
+    tx: optax.GradientTransformation,
+    ema_decay: float,
+    mesh: Any,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fine-tuning start: the parameters (and normalisers) of another run's latest
+    checkpoint, format 1 or 2, with a fresh optimiser state and step 0 (`initial_state`).
+
+    The model config must equal the source run's (the parameter tree follows from it).
+
+    Raises:
+      ValueError: the source has no checkpoint or was trained with another model config.
+    """
+    try:
+        ck = load_checkpoint(source)
+    except FileNotFoundError as e:
+        raise ValueError(f"config.init_from={source}: {e}") from None
+    theirs, ours = ck["config"].model.to_dict(), config.model.to_dict()
+    diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if diff:
+        raise ValueError(
+            f"config.init_from={source} was trained with another model config (keys "
+            f"{', '.join(diff)} differ); use its config.model values"
+        )
+    from train import parallel
+
+    params = jax.tree.map(jnp.asarray, ck["raw_params"])
+    state = parallel.create_state(
+        functools.partial(initial_state, tx=tx, ema=ema_decay > 0), mesh, params
+    )
+    return state, ck["normalisers"]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Trains the autoencoder described by ``config`` and writes everything to ``workdir``.
 
@@ -861,6 +897,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         normalisers = saved["normalisers"]  # those the restored parameters were trained with
         if lead:
             print(f"restored checkpoint at step {restored_from} from {ckpt_dir}", flush=True)
+    elif config.get("init_from"):
+        state, normalisers = _init_from(config, Path(config.init_from), tx, ema_decay, mesh)
+        if lead:
+            print(f"initialised parameters from {config.init_from}", flush=True)
     else:
         state = parallel.create_state(init_state, mesh, init_key, example)
 

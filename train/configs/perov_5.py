@@ -93,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.batch_size = 128  # global, over all devices and processes
     c.num_shards = 0  # shards of a global batch; 0 = one per device (see train.parallel)
     c.num_train_steps = 6000
+    c.init_from = None  # a run's workdir: start from its parameters (fine-tuning)
     c.optimizer = "adamw"  # or "sgd"
     c.momentum = 0.0  # sgd only
     c.learning_rate = 2e-3
