@@ -86,3 +86,22 @@ def test_init_from_starts_from_the_source_parameters(run, tmp_path):
     other.model.latent_struct = config.model.latent_struct + 1
     with pytest.raises(ValueError, match="latent_struct"):
         train_and_evaluate(other, tmp_path / "other")
+
+
+def test_reconstruction_is_deterministic_without_prior_noise(run):
+    """prior_noise 0 (the default) starts the decoding flow at the coordinate guess, so the
+    seed does not matter; the training noise makes the seed matter."""
+    from train.trainer import reconstruct_run
+
+    workdir = run[0]
+
+    def frac(seed, noise):
+        out = reconstruct_run(
+            workdir, "test", limit=4, batch_size=4, seed=seed, progress=False,
+            prior_noise=noise,
+        )  # fmt: skip
+        assert out.settings.prior_noise == (noise if noise is not None else 0.03)
+        return np.concatenate([c.frac_coords for c in out.preds])
+
+    np.testing.assert_array_equal(frac(0, 0.0), frac(1, 0.0))
+    assert not np.allclose(frac(0, None), frac(1, None))

@@ -142,6 +142,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
         num_steps=args.num_steps,
         limit=args.limit,
         progress=not args.no_progress,
+        prior_noise=None if args.prior_noise < 0 else args.prior_noise,
     )
     print(f"wrote {len(preds)} structures to {args.out} in {secs:.1f} s")
     if args.match:
@@ -234,6 +235,13 @@ def register(subparsers) -> None:
     r.add_argument("--seed", type=int, default=0, help="seed of the coordinate-flow noise")
     r.add_argument("--num-steps", type=int, default=None, help="Euler steps (default: config)")
     r.add_argument("--limit", type=int, default=None, help="only the first N structures")
+    r.add_argument(
+        "--prior-noise",
+        type=float,
+        default=0.0,
+        help="std (fractional) of the noise around the coordinate guess where decoding "
+        "starts; 0 (default) decodes deterministically, -1 uses the training value",
+    )
     r.add_argument(
         "--match", action="store_true", help="also print a quick StructureMatcher match rate"
     )

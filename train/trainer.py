@@ -1130,6 +1130,7 @@ def reconstruct_run(
     num_steps: int | None = None,
     limit: int | None = None,
     progress: bool = True,
+    prior_noise: float | None = 0.0,
 ) -> Reconstruction:
     """Reconstructs a split with a trained run; writes ``out`` (extxyz) in split order.
 
@@ -1138,6 +1139,12 @@ def reconstruct_run(
         holding ``meta.json`` (``RUN/flow/model``, `autoperi_jax.api.pretrained_path`):
         then the bundle's autoencoder and its training dataset are used.
       split, out, batch_size, seed, num_steps, limit, progress: as the CLI options.
+      prior_noise: std (fractional) of the noise around the coordinate guess where the
+        decoding flow starts; ``None`` = the training value (``ModelSettings.prior_noise``,
+        0.03 for Perov-5). Default 0: deterministic decoding from the guess itself, the
+        mean of the training start distribution. Perov-5 validation (first 1,000
+        crystals, shipped model, 5 steps): RMSE 0.0190 at 0 vs 0.0235 at 0.03, the same
+        match rate.
     """
     workdir = Path(workdir)
     if (workdir / "meta.json").exists():
@@ -1166,6 +1173,8 @@ def reconstruct_run(
         ds = load_split(config, split, progress)
     if num_steps is not None:
         settings = dataclasses.replace(settings, num_steps=num_steps)
+    if prior_noise is not None:
+        settings = dataclasses.replace(settings, prior_noise=float(prior_noise))
     bonds: list[dict[str, np.ndarray]] = []
     preds, secs = reconstruct_dataset(
         model, settings, normalisers, params, ds.graphs, ds.ids, batch_size, seed, progress,
