@@ -38,7 +38,13 @@ from autoperi_jax.crystal import Crystal
 from autoperi_jax.flow import FlowConfig
 from autoperi_jax.model import ModelSettings, decoded_to_crystals, make_decode_fn, make_encode_fn
 from autoperi_jax.nn.autoencoder import Autoencoder
-from autoperi_jax.sampling import PropertyHead, SamplerSettings, make_predict_fn, make_sample_fn
+from autoperi_jax.sampling import (
+    PropertyHead,
+    SamplerSettings,
+    decoding_settings,
+    make_predict_fn,
+    make_sample_fn,
+)
 
 __all__ = [
     "BUNDLE",
@@ -172,9 +178,7 @@ class Generator:
 
     @property
     def _decode_settings(self) -> ModelSettings:
-        if self.sampler.num_steps is None:
-            return self.settings
-        return dataclasses.replace(self.settings, num_steps=int(self.sampler.num_steps))
+        return decoding_settings(self.settings, self.sampler)
 
     @property
     def nfe(self) -> int:

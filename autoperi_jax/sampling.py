@@ -57,7 +57,13 @@ from autoperi_jax.flow import FlowConfig, FlowContext, make_flow
 from autoperi_jax.model import ModelSettings, make_decode_fn
 from autoperi_jax.nn.autoencoder import Autoencoder
 
-__all__ = ["PropertyHead", "SamplerSettings", "make_predict_fn", "make_sample_fn"]
+__all__ = [
+    "PropertyHead",
+    "SamplerSettings",
+    "decoding_settings",
+    "make_predict_fn",
+    "make_sample_fn",
+]
 
 Array = jnp.ndarray
 
@@ -71,6 +77,9 @@ class SamplerSettings:
         override it).
       num_steps: Euler steps of the coordinate decoder (NFE per crystal); None keeps the
         autoencoder's ``ModelSettings.num_steps``.
+      prior_noise: std (fractional) of the noise around the coordinate guess where the
+        decoding flow starts; None keeps the autoencoder's ``ModelSettings.prior_noise``
+        (its training value), 0 decodes each z deterministically.
       constraint_steps: gradient steps of the repulsive constraint layer (0 = off).
       constraint_step_size: its step size (A^2/eV; 0.5 resolves an isolated pair in one).
       constraint_fraction: minimum distance as a fraction of the covalent-radius sum
@@ -109,6 +118,7 @@ class SamplerSettings:
 
     temperature: float = 1.0
     num_steps: int | None = None
+    prior_noise: float | None = None
     constraint_steps: int = 20
     constraint_step_size: float = 0.4
     constraint_fraction: float = 0.6
@@ -194,6 +204,16 @@ def _context(
     return FlowContext(props, present, sg)
 
 
+def decoding_settings(settings: ModelSettings, sampler: SamplerSettings) -> ModelSettings:
+    """The autoencoder's `ModelSettings` with the sampler's decoding overrides
+    (``num_steps``, ``prior_noise``) applied where they are set."""
+    if sampler.num_steps is not None:
+        settings = dataclasses.replace(settings, num_steps=int(sampler.num_steps))
+    if sampler.prior_noise is not None:
+        settings = dataclasses.replace(settings, prior_noise=float(sampler.prior_noise))
+    return settings
+
+
 def make_sample_fn(
     model: Autoencoder,
     settings: ModelSettings,
@@ -233,8 +253,7 @@ def make_sample_fn(
     from autoperi_jax.physics import covalent_soft_sphere, dense_pairs, repulsive_constraint
     from autoperi_jax.symmetry import symmetrize
 
-    if sampler.num_steps is not None:
-        settings = dataclasses.replace(settings, num_steps=int(sampler.num_steps))
+    settings = decoding_settings(settings, sampler)
     flow = make_flow(flow_config)
     decode = make_decode_fn(model, settings, normalisers)
     cond_names = tuple(cond_names)

@@ -356,6 +356,8 @@ def _sample(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     if args.num_steps is not None:
         overrides["num_steps"] = args.num_steps
+    if args.prior_noise is not None:
+        overrides["prior_noise"] = args.prior_noise
     if args.no_spacegroup_prior:
         overrides["spacegroup_prior"] = False
     gen = load(model_source(args), **overrides)
@@ -452,6 +454,13 @@ def _register_generation(subparsers) -> None:
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--temperature", type=float, default=None, help="base-noise temperature")
     s.add_argument("--num-steps", type=int, default=None, help="decoder Euler steps (NFE)")
+    s.add_argument(
+        "--prior-noise",
+        type=float,
+        default=None,
+        help="noise (fractional std) around the coordinate guess where decoding starts "
+        "(default: the model's; 0 = deterministic decoding of each z)",
+    )
     s.add_argument(
         "--no-spacegroup-prior",
         action="store_true",
