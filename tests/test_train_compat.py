@@ -71,7 +71,9 @@ def test_reads_the_shipped_perov5_run():
     assert len(ck["normalisers"]["lattice_mean"]) == 6
 
 
-@pytest.mark.parametrize("name", ["perov_5", "carbon_24", "mp_20", "test"])
+@pytest.mark.parametrize(
+    "name", ["perov_5", "perov_5_tune1", "perov_5_tune2", "carbon_24", "mp_20", "test"]
+)
 def test_configs_build(name):
     c = load_config(f"train/configs/{name}.py")
     model, settings = build_model(c), build_settings(c)
@@ -79,4 +81,14 @@ def test_configs_build(name):
     assert settings.beta_phys == c.objective.beta_phys == 0.0
     assert c.batch_size % max(c.num_shards, 1) == 0
     assert {"ema_decay", "max_nonfinite_steps", "keep_checkpoints", "optimizer"} <= set(c)
-    assert c.model.max_atoms == {"perov_5": 5, "carbon_24": 24, "mp_20": 20, "test": 5}[name]
+    assert c.model.max_atoms == {"carbon_24": 24, "mp_20": 20}.get(name, 5)
+
+
+def test_fine_tuning_configs_chain_onto_perov_5():
+    """The shipped autoencoder's stages: perov_5 -> tune1 -> tune2, same model config."""
+    base = load_config("train/configs/perov_5.py")
+    one = load_config("train/configs/perov_5_tune1.py")
+    two = load_config("train/configs/perov_5_tune2.py")
+    assert base.init_from is None
+    assert (one.init_from, two.init_from) == ("runs/p5_c", "runs/p5_d")
+    assert one.model.to_dict() == two.model.to_dict() == base.model.to_dict()
