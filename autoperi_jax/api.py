@@ -274,7 +274,9 @@ class Generator:
         """Encode then decode, in order; the decoded crystals keep the input names.
 
         Equal to `autoperi_jax.model.make_reconstruct_fn` on the same batches (crystal g
-        of batch b draws its noise from ``fold_in(fold_in(key, b), g)`` in both)."""
+        of batch b draws its noise from ``fold_in(fold_in(key, b), g)`` in both). Decodes
+        with the sampler's start noise; ``load(..., prior_noise=0.0)`` gives the
+        deterministic decoding of `autoperi reconstruct`."""
         out = self.decode(self.encode(crystals, batch_size), key, batch_size)
         for c, ref in zip(out, crystals):
             object.__setattr__(c, "name", ref.name)
