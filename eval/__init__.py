@@ -6,8 +6,6 @@ Modules:
   EMDs, match rate / RMSE) and the extras that make them readable (match-rate ceiling,
   seeded EMD spread, uniqueness, novelty, lattice MAE, space-group statistics), plus hooks
   for model- or physics-derived quantities (property EMD, stability rates).
-* `eval.smact_tables` — SMACT 2.2.1's oxidation states / electronegativities / metals, the
-  data CDVAE's compositional validity was computed with.
 * `eval.fingerprints` — CrystalNN and Magpie fingerprints, in parallel, cached as ``.npz``.
 * `eval.samples` — reading samples and references without dropping invalid entries.
 * `eval.evaluate` — one task (recon / gen / cond) end to end, with every option recorded.

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from autoperi_jax.crystal import Crystal
-from eval import smact_tables
+from autoperi_jax.physics import smact_tables
 from eval.fingerprints import cdvae_comp_scale
 from eval.parallel import parallel_map
 
@@ -130,8 +130,9 @@ def smact_validity(
        anions; see `_pauling_ok` for the missing-value corner cases).
 
     The oxidation states, electronegativities and metal list are SMACT 2.2.1's
-    (`eval.smact_tables`); SMACT >= 3 changed them (e.g. Ca is +2 only there) and
-    ``neutral_ratios``' return value, which changes the numbers.
+    (`autoperi_jax.physics.smact_tables`, shared with the sampler's jitted twin
+    `autoperi_jax.physics.composition_valid`); SMACT >= 3 changed them (e.g. Ca is +2 only
+    there) and ``neutral_ratios``' return value, which changes the numbers.
 
     Args:
       numbers: atomic numbers of all sites (any order, repeats allowed).

@@ -88,7 +88,7 @@ def _cdvae_reference_validity(numbers) -> bool:
     import smact
     from smact.screening import pauling_test
 
-    from eval.smact_tables import SYMBOL_BY_Z
+    from autoperi_jax.physics.smact_tables import SYMBOL_BY_Z
 
     elems, counts = M._reduced_composition(numbers)
     symbols = tuple(SYMBOL_BY_Z[z] for z in elems)
@@ -124,7 +124,7 @@ def _smact_2_2_1():
 
 def test_carried_smact_table_equals_smact_2_2_1():
     smact = _smact_2_2_1()
-    from eval import smact_tables
+    from autoperi_jax.physics import smact_tables
 
     for symbol, (z, ox, eneg) in smact_tables.ELEMENTS.items():
         e = smact.Element(symbol)

@@ -22,7 +22,7 @@ Main entry points:
 * Phonons: ``force_constant_blocks``, ``dynamical_matrices``, ``phonon_frequencies``,
   ``min_omega2``, ``stability_loss``, ``monkhorst_pack``, ``gamma_and_mp_grid``.
 * Chemistry: ``coordination_numbers``, ``ionic_roles``, ``chem_loss``, ``ideal_cn_table``,
-  ``ideal_cn_from_table``.
+  ``ideal_cn_from_table``; ``composition_valid`` (jitted SMACT charge-neutrality rule).
 * Losses: ``physics_losses``, ``l_phys``, ``batch_physics_losses``.
 * Reference (NumPy/ASE, host): ``NumpyPairCalculator``, ``phonopy_from_atoms``.
 """
@@ -35,6 +35,7 @@ from autoperi_jax.physics.chemistry import (
     ideal_cn_table,
     ionic_roles,
 )
+from autoperi_jax.physics.composition import composition_valid
 from autoperi_jax.physics.images import (
     cell_heights,
     dense_pairs,
@@ -102,6 +103,7 @@ __all__ = [
     "cell_heights",
     "cell_volume",
     "chem_loss",
+    "composition_valid",
     "coordination_numbers",
     "covalent_soft_sphere",
     "dense_pairs",
