@@ -72,6 +72,7 @@ __all__ = [
     "cell_to_y",
     "compute_normalisers",
     "couple",
+    "decode_composition",
     "decoded_bonds",
     "decoded_to_crystals",
     "dense_layout",
@@ -823,6 +824,32 @@ def make_encode_fn(model: Autoencoder) -> Callable[[Any, Any], Array]:
     return encode
 
 
+def decode_composition(
+    model: Autoencoder, params: Any, z: Array, n_atoms: Array | None = None
+) -> tuple[Array, Array]:
+    """The decoder's composition of z: most likely atom count, then species per slot.
+
+    Args:
+      model, params: the autoencoder.
+      z: [G, D] latents.
+      n_atoms: [G] counts to decode species for (default: the decoded counts).
+
+    Returns:
+      ``n_atoms`` [G] and ``numbers`` [G, A] (atomic numbers, 0 on slots >= n_atoms).
+    """
+    G = z.shape[0]
+    if n_atoms is None:
+        count_logits, _ = model.apply(
+            params, z, jnp.zeros(G, jnp.int32), method=Autoencoder.decode_composition
+        )
+        n_atoms = jnp.argmax(count_logits, -1) + 1
+    _, species_logits = model.apply(params, z, n_atoms, method=Autoencoder.decode_composition)
+    species_logits = species_logits.at[..., 0].set(-jnp.inf)
+    numbers = jnp.argmax(species_logits, -1)
+    mask = jnp.arange(numbers.shape[-1])[None, :] < n_atoms[:, None]
+    return n_atoms, jnp.where(mask, numbers, 0).astype(jnp.int32)
+
+
 def make_decode_fn(
     model: Autoencoder, settings: ModelSettings, normalisers: dict[str, Any]
 ) -> Callable[..., dict[str, Array]]:
@@ -860,17 +887,10 @@ def make_decode_fn(
         if cell is None:
             cell = lattice_from_y(model.apply(params, z, method=Autoencoder.decode_lattice), norm)
         if n_atoms is None:
-            count_logits, _ = model.apply(
-                params, z, jnp.zeros(G, jnp.int32), method=Autoencoder.decode_composition
-            )
-            n_atoms = jnp.argmax(count_logits, -1) + 1
+            n_atoms = decode_composition(model, params, z)[0]
         mask = (jnp.arange(A)[None, :] < n_atoms[:, None]) & graph_mask[:, None]
         if numbers is None:
-            _, species_logits = model.apply(
-                params, z, n_atoms, method=Autoencoder.decode_composition
-            )
-            species_logits = species_logits.at[..., 0].set(-jnp.inf)
-            numbers = jnp.argmax(species_logits, -1)
+            numbers = decode_composition(model, params, z, n_atoms)[1]
         numbers = jnp.where(mask, numbers, 0).astype(jnp.int32)
         feats = feature_table[numbers]
         if settings.flow_prior == "learned":

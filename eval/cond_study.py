@@ -168,10 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None, help="latent guidance weight w")
     p.add_argument(
-        "--symmetry-retries",
+        "--retries",
         type=int,
         default=None,
-        help="requested group: extra candidates per crystal (SamplerSettings.symmetry_retries)",
+        help="extra candidates per crystal (SamplerSettings.retries)",
     )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -185,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["num_steps"] = args.num_steps
     if args.guidance is not None:
         overrides["guidance"] = args.guidance
-    if args.symmetry_retries is not None:
-        overrides["symmetry_retries"] = args.symmetry_retries
+    if args.retries is not None:
+        overrides["retries"] = args.retries
     gen = load(args.workdir, **overrides)
     result: dict = {"command": " ".join(sys.argv), "nfe": gen.nfe,
                     "sampler": dataclasses.asdict(gen.sampler)}  # fmt: skip

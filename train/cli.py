@@ -360,6 +360,10 @@ def _sample(args: argparse.Namespace) -> int:
         overrides["prior_noise"] = args.prior_noise
     if args.no_spacegroup_prior:
         overrides["spacegroup_prior"] = False
+    if args.retries is not None:
+        overrides["retries"] = args.retries
+    if args.no_composition_check:
+        overrides["composition_check"] = False
     gen = load(model_source(args), **overrides)
     conditions = _parse_conditions(args.condition)
     unknown = sorted(set(conditions) - set(gen.cond_names))
@@ -466,6 +470,19 @@ def _register_generation(subparsers) -> None:
         action="store_true",
         help="without --spacegroup: sample the marginal flow, no symmetry layer (faster) "
         "instead of drawing a group from the training distribution",
+    )
+    s.add_argument(
+        "--retries",
+        type=int,
+        default=None,
+        help="extra candidates per crystal when the composition check or the symmetry "
+        "layer rejects one (default: the model's, 1)",
+    )
+    s.add_argument(
+        "--no-composition-check",
+        action="store_true",
+        help="keep compositions that are not charge balanced (SMACT rule) instead of "
+        "drawing another candidate",
     )
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_sample)
