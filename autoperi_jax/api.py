@@ -182,8 +182,28 @@ class Generator:
 
     @property
     def nfe(self) -> int:
-        """Decoder network evaluations per sample (Euler steps of the coordinate flow)."""
+        """Decoder network evaluations per decoded candidate (Euler steps of the coordinate
+        flow)."""
         return self._decode_settings.num_steps
+
+    @property
+    def decoded_per_sample(self) -> float:
+        """Candidates decoded per returned crystal in unconditioned sampling
+        (`autoperi_jax.sampling.SamplerSettings.spare_fraction`): 1 when only the
+        composition is checked (it is chosen before decoding), ``1 + spare_fraction``
+        when the symmetry layer (space-group prior) or the contact check runs. The real
+        ratio for a batch of n is ``ceil(spare_fraction * n) / n + 1``."""
+        s = self.sampler
+        decoded_pool = (s.spacegroup_prior and self.flow_config.use_spacegroup) or (
+            s.accept_min_ratio > 0
+        )
+        return 1.0 + s.spare_fraction if decoded_pool else 1.0
+
+    @property
+    def nfe_per_sample(self) -> float:
+        """Decoder network evaluations per returned crystal, unconditioned sampling
+        (``nfe * decoded_per_sample``)."""
+        return self.nfe * self.decoded_per_sample
 
     # ----------------------------------------------------------------------- sampling
     def sample_batches(

@@ -227,7 +227,8 @@ def markdown(result: dict) -> str:
         lines += [
             f"| sampling, {what}, batch {r['batch_size']} | {r['valid_per_s']:.1f} valid "
             f"crystals/s ({r['crystals_per_s']:.1f} crystals/s x validity "
-            f"{r['validity']:.3f}); NFE {r['nfe']} per sample; "
+            f"{r['validity']:.3f}); NFE {r['nfe_per_sample']:g} per sample ({r['nfe']} "
+            f"per decoded candidate); "
             f"{r['sample_fn_compiles']} compilation(s) |"
         ]
     if result.get("batch_scaling"):

@@ -67,6 +67,7 @@ def bench_one(
     return {
         "mode": mode,
         "nfe": gen.nfe,
+        "nfe_per_sample": gen.nfe_per_sample,
         "batch_size": batch_size,
         "n": n,
         "compile_s": compile_s,
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = bench_one(args.workdir, ns, bs, args.repeats, args.seed, mode)
                 records.append(r)
                 print(
-                    f"{mode:5s} NFE {r['nfe']:3d}  batch {bs:5d}: "
+                    f"{mode:5s} NFE {r['nfe']:3d} ({r['nfe_per_sample']:g} per sample)  "
+                    f"batch {bs:5d}: "
                     f"{r['crystals_per_s']:7.1f} crystals/s, "
                     f"validity {r['validity']:.3f} (struct {r['struct_validity']:.3f}, comp "
                     f"{r['comp_validity']:.3f}) -> {r['valid_per_s']:7.1f} valid/s "

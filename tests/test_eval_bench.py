@@ -26,12 +26,14 @@ def test_markdown_report_has_every_section():
         "train": [{"devices": 1, "batch_size": 128, "crystals_per_s": 200.0, "step_s": 0.64,
                    "epoch_s": 57.0, "compilations_per_epoch": 2, "compile_s": 30.0}],
         "sample": [{"mode": "plain", "batch_size": 256, "valid_per_s": 150.0,
-                    "crystals_per_s": 160.0, "validity": 0.98, "nfe": 5, "sample_fn_compiles": 1}],
+                    "crystals_per_s": 160.0, "validity": 0.98, "nfe": 5, "nfe_per_sample": 6.25,
+                    "sample_fn_compiles": 1}],
         "batch_scaling": [{"batch_size": 16, "ms_per_crystal": 8.0, "call_s": 0.128}],
         "atom_scaling": [{"atoms": 5, "ms_per_crystal": 4.0, "call_s": 0.2},
                          {"atoms": 10, "ms_per_crystal": 10.0, "call_s": 0.5}],
     }  # fmt: skip
     md = markdown(json.loads(json.dumps(result)))
-    for text in ("200 crystals/s", "57 s/epoch", "150.0 valid crystals/s", "NFE 5",
-                 "| 16 | 8.00 |", "| 10 | 10.00 | 2.50x |", "20x"):  # fmt: skip
+    for text in ("200 crystals/s", "57 s/epoch", "150.0 valid crystals/s",
+                 "NFE 6.25 per sample (5 per", "| 16 | 8.00 |", "| 10 | 10.00 | 2.50x |",
+                 "20x"):  # fmt: skip
         assert text in md, text

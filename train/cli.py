@@ -362,8 +362,10 @@ def _sample(args: argparse.Namespace) -> int:
         overrides["spacegroup_prior"] = False
     if args.retries is not None:
         overrides["retries"] = args.retries
-    if args.no_composition_check:
-        overrides["composition_check"] = False
+    if args.no_checks:
+        overrides.update(
+            composition_check=False, accept_min_ratio=0.0, retries=0, spare_fraction=0.0
+        )
     gen = load(model_source(args), **overrides)
     conditions = _parse_conditions(args.condition)
     unknown = sorted(set(conditions) - set(gen.cond_names))
@@ -387,7 +389,7 @@ def _sample(args: argparse.Namespace) -> int:
     secs = time.perf_counter() - t0
     print(
         f"wrote {n} crystals to {args.out} in {secs:.1f} s ({n / secs:.1f}/s, "
-        f"{gen.nfe} decoder evaluations per crystal)"
+        f"{gen.nfe} decoder evaluations per decoded candidate)"
     )
     return 0
 
@@ -479,10 +481,10 @@ def _register_generation(subparsers) -> None:
         "layer rejects one (default: the model's, 1)",
     )
     s.add_argument(
-        "--no-composition-check",
+        "--no-checks",
         action="store_true",
-        help="keep compositions that are not charge balanced (SMACT rule) instead of "
-        "drawing another candidate",
+        help="one candidate per crystal, kept as drawn: no charge-balance or contact check, "
+        "failed symmetrisations keep the decoded structure (the model without rejection)",
     )
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_sample)
