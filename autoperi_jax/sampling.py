@@ -35,7 +35,10 @@ decoder's ``max_atoms`` A):
    invariant under the group's operations has that group or a supergroup of it; the
    projection fails when the decoded composition or arrangement has no match in the
    group; a second projection detects that (a symmetric structure is its fixed point)
-   and such a crystal keeps its decoded structure (``SamplerSettings.symmetry_*``);
+   and such a crystal keeps its decoded structure (``SamplerSettings.symmetry_*``); for
+   a group without inversion, a result with an inversion centre within
+   ``inversion_tolerance`` (a centrosymmetric supergroup at spglib's tolerance) is
+   rejected too;
 5. the constraint layer `autoperi_jax.physics.repulsive_constraint`: a fixed number of
    gradient steps on a soft-sphere overlap energy so that no two atoms (over all periodic
    images) sit closer than ``fraction * (r_cov_i + r_cov_j)``. The energy is invariant
@@ -53,6 +56,7 @@ space-group label) (`autoperi_jax.api.load` assembles it from a run).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -122,6 +126,11 @@ class SamplerSettings:
         constraint layer, over all periodic images) is closer than this fraction of the
         sum of their covalent radii (0 = no check). Perov-5: the smallest value over
         2,000 validation crystals is 0.68. Every candidate is then decoded.
+      inversion_tolerance: with a requested (or drawn) group that has no inversion (e.g.
+        99 P4mm, 25 Pmm2), reject a candidate that has an inversion centre within this
+        tolerance (A; `autoperi_jax.symmetry.has_inversion_centre`): its polar distortion
+        is too small, and spglib (symprec of the same size) would report a
+        centrosymmetric supergroup (P4/mmm for P4mm). 0 = off.
       spacegroup_prior: when neither a space group nor a property condition is given,
         draw a group per crystal from the training distribution of groups
         (``stats["spacegroup_prior"]`` [231], written by the flow stage) and sample as if
@@ -159,6 +168,7 @@ class SamplerSettings:
     retries: int = 1
     spare_fraction: float = 0.25
     accept_min_ratio: float = 0.0
+    inversion_tolerance: float = 0.1
 
 
 class PropertyHead(nn.Module):
@@ -276,8 +286,9 @@ def make_sample_fn(
       standardised z), ``symmetry_residual`` [n] (A; 0 without a space group),
       ``symmetrized`` [n] (False where the symmetrisation failed and the decoded structure
       was kept), ``composition_valid`` [n] (the composition check; all True when it is
-      off), ``spacegroup`` [n] (requested label, 0 = none) and ``properties``
-      {name: [n]}.
+      off), ``geometry_ok`` [n] (the contact check), ``inversion_ok`` [n] (False: a group
+      without inversion was requested and the result has an inversion centre),
+      ``spacegroup`` [n] (requested label, 0 = none) and ``properties`` {name: [n]}.
     """
     from autoperi_jax.physics import (
         composition_valid,
@@ -286,7 +297,7 @@ def make_sample_fn(
         min_distance_ratio,
         repulsive_constraint,
     )
-    from autoperi_jax.symmetry import symmetrize
+    from autoperi_jax.symmetry import centrosymmetric_groups, has_inversion_centre, symmetrize
 
     settings = decoding_settings(settings, sampler)
     flow = make_flow(flow_config)
@@ -299,6 +310,7 @@ def make_sample_fn(
     predict = make_predict_fn(PropertyHead(tuple(predictor_hidden), len(pred_names)), pred_names)
     potential = covalent_soft_sphere(fraction=sampler.constraint_fraction)
     contact = covalent_soft_sphere(fraction=1.0)  # d_ij = r_cov_i + r_cov_j
+    centro_table = centrosymmetric_groups(sampler.symmetry_setting)  # [231] bool
     n_images = tuple(int(v) for v in sampler.n_images)
 
     def constrain(cell, frac, numbers, mask):
@@ -403,14 +415,24 @@ def make_sample_fn(
             geometry_ok = ratio >= sampler.accept_min_ratio
         else:
             geometry_ok = jnp.ones((n,), bool)
+        if spacegroup is not None and sampler.inversion_tolerance > 0:
+            # a group without inversion: a centrosymmetric result is a supergroup
+            polar = ~jnp.asarray(centro_table)[sg] & (sg > 0)
+            centre = jax.vmap(
+                lambda c, f, z, m: has_inversion_centre(c, f, z, m, sampler.inversion_tolerance)
+            )(cell, frac, numbers, mask)
+            inversion_ok = ~(polar & centre)
+        else:
+            inversion_ok = jnp.ones((n,), bool)
         return {
             **prop, "cell": cell, "frac": frac, "numbers": numbers, "mask": mask,
             "n_atoms": dec["n_atoms"], "symmetry_residual": residual, "symmetrized": ok,
-            "geometry_ok": geometry_ok, "spacegroup": sg,
+            "geometry_ok": geometry_ok, "inversion_ok": inversion_ok, "spacegroup": sg,
         }  # fmt: skip
 
     def accepted(out):
-        return out["symmetrized"] & out["composition_valid"] & out["geometry_ok"]
+        checks = ("symmetrized", "composition_valid", "geometry_ok", "inversion_ok")
+        return functools.reduce(jnp.logical_and, [out[k] for k in checks])
 
     def first_accepted(ok, n, K):
         """Row (candidate-major, [K * n]) of each crystal's first accepted candidate, else

@@ -72,7 +72,9 @@ __all__ = [
     "SETTINGS",
     "SpacegroupTable",
     "build_table",
+    "centrosymmetric_groups",
     "get_table",
+    "has_inversion_centre",
     "standard_hall_numbers",
     "symmetrize",
     "symmetrize_crystal",
@@ -670,6 +672,52 @@ def symmetrize(
     frac_out = wrap_frac(jnp.where(identity, frac, frac_out))
     residual = jnp.where(identity, 0.0, residual)
     return cell_out, frac_out, residual
+
+
+def centrosymmetric_groups(setting: str = "conventional") -> np.ndarray:
+    """[231] bool: the group's operations include the inversion ``-I`` (row 0: False)."""
+    t = get_table(setting)
+    inv = np.all(t.rotations == -np.eye(3, dtype=t.rotations.dtype), axis=(-2, -1))
+    out = np.any(inv & t.mask, axis=1)
+    out[0] = False
+    return out
+
+
+def has_inversion_centre(cell, frac, numbers, atom_mask, tol: float = 0.1):
+    """Whether a structure is mapped onto itself by an inversion within ``tol`` (A).
+
+    An inversion centre ``c`` maps atom i onto an atom j of its species, so
+    ``2c = x_i + x_j`` modulo lattice vectors; every same-species pair (i, j) gives one
+    candidate, and the structure is centrosymmetric if for some candidate every image
+    ``x_i + x_j - x_k`` lies within ``tol`` of an atom of k's species (nearest periodic copy
+    from rounding fractional differences: exact for near-orthogonal cells, otherwise it can
+    only miss a centre). spglib's symmetry search uses the same kind of tolerance
+    (``symprec``), so a polar structure whose polar displacement is below it gets a
+    centrosymmetric group there. Jittable; cost ``A^4`` distance evaluations.
+
+    Args:
+      cell: [3, 3] rows are lattice vectors (A).
+      frac: [A, 3] fractional coordinates.
+      numbers: [A] atomic numbers.
+      atom_mask: [A] bool, real atoms.
+      tol: distance tolerance (A).
+
+    Returns:
+      [] bool.
+    """
+    import jax.numpy as jnp
+
+    same = (numbers[:, None] == numbers[None, :]) & atom_mask[:, None] & atom_mask[None, :]
+    # images of atom k under the inversion of pair (i, j): [i, j, k, 3]
+    img = frac[:, None, None, :] + frac[None, :, None, :] - frac[None, None, :, :]
+    d = img[:, :, :, None, :] - frac[None, None, None, :, :]  # [i, j, k, l, 3]
+    d = d - jnp.round(d)
+    dist2 = jnp.sum((d @ cell) ** 2, -1)  # [i, j, k, l]
+    allowed = same[None, None, :, :]  # l must be of k's species
+    hit = jnp.any(allowed & (dist2 <= tol**2), axis=-1)  # [i, j, k]
+    ok_k = hit | ~atom_mask[None, None, :]
+    centre = jnp.all(ok_k, axis=-1) & same  # [i, j]
+    return jnp.any(centre) & jnp.any(atom_mask)
 
 
 def symmetrize_crystal(crystal, spacegroup: int, return_residual: bool = False, **kwargs):

@@ -397,3 +397,48 @@ def test_gradients_are_finite_and_match_finite_differences(perov_perturbed, x64)
     minus, _ = value_and_grad(cell - eps * d_cell, frac - eps * d_frac)
     analytic = np.sum(g_cell * d_cell) + np.sum(g_frac * d_frac)
     np.testing.assert_allclose(analytic, (plus - minus) / (2 * eps), rtol=1e-5)
+
+
+def test_inversion_centre_agrees_with_spglib():
+    """`has_inversion_centre` vs spglib at the same tolerance on SrTiO3: cubic (centric),
+    Ti moved along c by 0.3 A (polar, P4mm), by 0.04 A (below the tolerance: spglib keeps
+    the centric group), both Ti and one O moved (polar), the cell shifted by an arbitrary
+    origin, and atoms listed in another order; plus the group table (92 centric groups)."""
+    import jax
+    import jax.numpy as jnp
+    import spglib
+
+    from autoperi_jax.symmetry import centrosymmetric_groups, has_inversion_centre
+
+    centric = centrosymmetric_groups()
+    assert centric.sum() == 92 and centric[[2, 47, 123, 221]].all()
+    assert not centric[[1, 25, 99, 160]].any()
+    a = 3.9
+    cell = np.eye(3) * a
+    base = np.array([[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    numbers = np.array([38, 22, 8, 8, 8])
+    fn = jax.jit(has_inversion_centre, static_argnums=4)
+    cases = []
+    for dz_ti, dz_o in ((0.0, 0.0), (0.3, 0.0), (0.04, 0.0), (0.3, -0.2)):
+        frac = base.copy()
+        frac[1, 2] += dz_ti / a
+        frac[2, 2] += dz_o / a
+        cases.append(frac)
+    cases.append((cases[1] + np.array([0.13, 0.71, 0.37])) % 1.0)
+    cases.append(cases[0][[4, 2, 0, 3, 1]] + np.array([0.2, 0.1, 0.05]))
+    orders = [np.arange(5)] * 5 + [np.array([4, 2, 0, 3, 1])]
+    found = []
+    for frac, order in zip(cases, orders):
+        z = numbers[order]
+        sym = spglib.get_symmetry((cell, frac, z), symprec=0.1)
+        spg_centric = any(np.array_equal(r, -np.eye(3)) for r in sym["rotations"])
+        ours = bool(fn(jnp.asarray(cell), jnp.asarray(frac), jnp.asarray(z),
+                       jnp.ones(5, bool), 0.1))  # fmt: skip
+        assert ours == spg_centric, (frac, ours, spg_centric)
+        found.append(ours)
+    assert found == [True, False, True, False, False, True]
+    # padded slots are ignored
+    pad = np.concatenate([cases[1], np.zeros((2, 3))])
+    mask = np.array([True] * 5 + [False] * 2)
+    z = np.concatenate([numbers, [0, 0]])
+    assert not bool(fn(jnp.asarray(cell), jnp.asarray(pad), jnp.asarray(z), jnp.asarray(mask), 0.1))
