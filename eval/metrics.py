@@ -456,7 +456,10 @@ def coverage(
       num_generated: denominator of COV-P (default: n_gen).
 
     Returns:
-      cov_recall, cov_precision, amsd_recall, amsd_precision, amcd_recall, amcd_precision.
+      cov_recall, cov_precision, amsd_recall, amsd_precision, amcd_recall, amcd_precision,
+      and the precision misses by cause: ``cov_precision_miss_struct_only`` /
+      ``_comp_only`` / ``_both`` (shares of ``num_generated`` beyond the structure cut-off
+      only, the composition cut-off only, or both).
     """
     n_gen = len(sample_struct_fps)
     ok = np.ones(n_gen, bool) if sample_ok is None else np.asarray(sample_ok, bool)
@@ -474,9 +477,21 @@ def coverage(
     def mean(x):
         return float(np.mean(x)) if len(x) and np.isfinite(x).all() else float("nan")
 
+    far_s, far_c = s_prec > struct_cutoff, c_prec > comp_cutoff
     return {
         "cov_recall": float(recall_hits.mean()) if len(recall_hits) else 0.0,
         "cov_precision": float(precision_hits.sum() / num_generated) if num_generated else 0.0,
+        # why generated crystals miss, as shares of num_generated (they add up with
+        # COV-P and the fingerprint failures to 1)
+        "cov_precision_miss_struct_only": float((far_s & ~far_c).sum() / num_generated)
+        if num_generated
+        else 0.0,
+        "cov_precision_miss_comp_only": float((~far_s & far_c).sum() / num_generated)
+        if num_generated
+        else 0.0,
+        "cov_precision_miss_both": float((far_s & far_c).sum() / num_generated)
+        if num_generated
+        else 0.0,
         "amsd_recall": mean(s_rec),
         "amsd_precision": mean(s_prec),
         "amcd_recall": mean(c_rec),

@@ -295,6 +295,14 @@ def test_coverage_known_answer():
     cov2 = M.coverage(ss, sc2, rs, rc, 0.2, 4.0, sample_ok=ok, num_generated=4)
     assert cov2["cov_precision"] == pytest.approx(1 / 4)
     assert cov2["cov_recall"] == pytest.approx(1 / 3)
+    # misses by cause: sample 2 is far in structure only, sample 0 (second call) in
+    # composition only; with the failed fingerprint everything adds up to 1
+    assert cov["cov_precision_miss_struct_only"] == pytest.approx(1 / 4)
+    assert cov["cov_precision_miss_comp_only"] == cov["cov_precision_miss_both"] == 0.0
+    assert cov2["cov_precision_miss_comp_only"] == pytest.approx(1 / 4)
+    parts = ("cov_precision", "cov_precision_miss_struct_only", "cov_precision_miss_comp_only",
+             "cov_precision_miss_both")  # fmt: skip
+    assert sum(cov2[k] for k in parts) + 1 / 4 == pytest.approx(1.0)
 
 
 def test_comp_scaler_replaces_nan():
