@@ -48,10 +48,21 @@ def test_fixed_key_samples_are_valid_and_identical(gen):
         np.testing.assert_array_equal(x.frac_coords, y.frac_coords)
         np.testing.assert_array_equal(x.numbers, y.numbers)
     # Perov-5 cells hold 5 atoms; structural validity is CDVAE's rule (all distances >=
-    # 0.5 A, volume >= 0.1 A^3); most samples are also charge-balanced under SMACT.
+    # 0.5 A, volume >= 0.1 A^3); the sampler rejects candidates that are not charge
+    # balanced under SMACT (its composition check) or that have atoms closer than
+    # accept_min_ratio of their covalent-radius sum (ASE neighbour list below).
+    from ase.neighborlist import neighbor_list
+
+    from autoperi_jax.elements import COVALENT_RADIUS
+
     assert all(len(c.numbers) == 5 for c in a)
     assert all(structure_validity(c) for c in a)
-    assert np.mean([smact_validity(c.numbers) for c in a]) >= 0.75
+    assert all(smact_validity(c.numbers) for c in a)
+    assert gen.sampler.composition_check and gen.sampler.accept_min_ratio > 0
+    for c in a:
+        i, j, d = neighbor_list("ijd", c.to_ase(), 5.0)
+        r = np.asarray(COVALENT_RADIUS)[c.numbers]
+        assert np.min(d / (r[i] + r[j])) >= gen.sampler.accept_min_ratio - 1e-4
     other = gen.sample(jax.random.key(1), 12, batch_size=16)
     assert not all(np.array_equal(x.frac_coords, y.frac_coords) for x, y in zip(a, other))
 
@@ -159,6 +170,11 @@ def test_cli_sample_pretrained(tmp_path):
     frames = read(out, ":")
     assert len(frames) == 5 and all(len(f) == 5 for f in frames)
     assert all("heat_ref" in f.info for f in frames)
+    # without the candidate checks: one candidate per crystal, as drawn
+    r = _cli(*args, "--out", str(tmp_path / "raw.extxyz"), "--no-progress", "--no-checks",
+             cwd=ROOT)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert len(read(tmp_path / "raw.extxyz", ":")) == 5
 
     r = _cli(*args, "--out", str(out), "--condition", "band_gap=1", cwd=ROOT)
     assert r.returncode == 2 and "conditioned on heat_ref, dir_gap only" in r.stderr

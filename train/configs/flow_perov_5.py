@@ -81,4 +81,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampler.constraint_step_size = 0.4
     c.sampler.constraint_fraction = 0.6
     c.sampler.symmetrize_iter = 3
+    # Candidate checks (SamplerSettings.composition_check / accept_min_ratio): reject a
+    # candidate that is not charge balanced (SMACT rule) or whose closest contact is below
+    # 0.70 of the covalent-radius sum (train split: minimum 0.667, 0.33 % below 0.70);
+    # unconditioned sampling keeps the first n accepted of 1.25 n i.i.d. candidates.
+    # Shipped model, 4,000 samples vs the validation split, accept_min_ratio 0 / 0.65 /
+    # 0.70 / 0.75 (composition check on): COV-P 98.12 / 98.45 / 98.58 / 98.60 %, COV-R
+    # 97.86 / 97.86 / 97.86 / 97.60 %; without any check COV-P was 96.40 %.
+    c.sampler.composition_check = True
+    c.sampler.retries = 1
+    c.sampler.spare_fraction = 0.25
+    c.sampler.accept_min_ratio = 0.70
+    # Groups without inversion (P4mm, Pmm2): reject centrosymmetric results (spglib at
+    # symprec 0.1 would report P4/mmm, Pmmm, ...; autoperi_jax.symmetry.has_inversion_centre).
+    c.sampler.inversion_tolerance = 0.1
     return c
