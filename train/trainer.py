@@ -62,6 +62,7 @@ from autoperi_jax.model import (
     make_reconstruct_fn,
 )
 from autoperi_jax.nn import Autoencoder
+from autoperi_jax.sampling import SamplerSettings, decoding_settings
 
 __all__ = [
     "Reconstruction",
@@ -1171,10 +1172,9 @@ def reconstruct_run(
             with config.unlocked():
                 config.data[f"limit_{split}"] = limit
         ds = load_split(config, split, progress)
-    if num_steps is not None:
-        settings = dataclasses.replace(settings, num_steps=num_steps)
-    if prior_noise is not None:
-        settings = dataclasses.replace(settings, prior_noise=float(prior_noise))
+    # the sampler's overrides, applied the same way (None keeps the trained value)
+    overrides = SamplerSettings(num_steps=num_steps, prior_noise=prior_noise)
+    settings = decoding_settings(settings, overrides)
     bonds: list[dict[str, np.ndarray]] = []
     preds, secs = reconstruct_dataset(
         model, settings, normalisers, params, ds.graphs, ds.ids, batch_size, seed, progress,
