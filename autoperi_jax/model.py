@@ -887,10 +887,11 @@ def make_decode_fn(
         if cell is None:
             cell = lattice_from_y(model.apply(params, z, method=Autoencoder.decode_lattice), norm)
         if n_atoms is None:
-            n_atoms = decode_composition(model, params, z)[0]
-        mask = (jnp.arange(A)[None, :] < n_atoms[:, None]) & graph_mask[:, None]
-        if numbers is None:
+            n_atoms, decoded = decode_composition(model, params, z)
+            numbers = decoded if numbers is None else numbers
+        elif numbers is None:
             numbers = decode_composition(model, params, z, n_atoms)[1]
+        mask = (jnp.arange(A)[None, :] < n_atoms[:, None]) & graph_mask[:, None]
         numbers = jnp.where(mask, numbers, 0).astype(jnp.int32)
         feats = feature_table[numbers]
         if settings.flow_prior == "learned":
