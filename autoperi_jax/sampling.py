@@ -56,7 +56,6 @@ space-group label) (`autoperi_jax.api.load` assembles it from a run).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -431,57 +430,55 @@ def make_sample_fn(
         }  # fmt: skip
 
     def accepted(out):
-        checks = ("symmetrized", "composition_valid", "geometry_ok", "inversion_ok")
-        return functools.reduce(jnp.logical_and, [out[k] for k in checks])
+        return (
+            out["symmetrized"] & out["composition_valid"] & out["geometry_ok"] & out["inversion_ok"]
+        )
 
-    def first_accepted(ok, n, K):
-        """Row (candidate-major, [K * n]) of each crystal's first accepted candidate, else
-        its candidate 0."""
-        ok = ok.reshape(K, n)
-        first = jnp.where(jnp.any(ok, 0), jnp.argmax(ok, 0), 0)  # [n]
-        return first * n + jnp.arange(n)
+    def take(tree, rows):
+        return jax.tree.map(lambda x: x[rows], tree)
 
     def sample(params, key, n, conditions=None, spacegroup=None, temperature=None):
         stats = params["stats"]
         k_flow, k_dec = jax.random.split(key)
         requested = spacegroup is not None or bool(conditions)
-        use_prior = sampler.spacegroup_prior and flow_config.use_spacegroup
+        draw_groups = not requested and sampler.spacegroup_prior and flow_config.use_spacegroup
+        grouped = spacegroup is not None or draw_groups
+        checked = grouped or sampler.composition_check or sampler.accept_min_ratio > 0
         if not requested:
             # unconditioned: n + m i.i.d. candidates (symmetry-aware with the prior: g ~
             # p_train(g), then z ~ p(z | g)); the first n accepted ones in draw order are
             # rejection samples of p(crystal | accepted)
-            checked = sampler.composition_check or use_prior or sampler.accept_min_ratio > 0
-            m = math.ceil(sampler.spare_fraction * n) if checked else 0
-            pool = n + m
-            if use_prior:
+            pool = n + (math.ceil(sampler.spare_fraction * n) if checked else 0)
+            if draw_groups:
                 logits = jnp.log(jnp.asarray(stats["spacegroup_prior"], jnp.float32))
                 spacegroup = jax.random.categorical(
                     jax.random.fold_in(key, 7), logits, shape=(pool,)
                 )
             prop = propose(params, k_flow, pool, None, spacegroup, temperature)
-            if spacegroup is None and sampler.accept_min_ratio <= 0:
-                # only the composition can fail: choose before the (costly) decoder GNN
-                rows = jnp.argsort(~prop["composition_valid"], stable=True)[:n]
-                out = realise(params, k_dec, jax.tree.map(lambda x: x[rows], prop), None)
-            else:
-                out = realise(params, k_dec, prop, spacegroup)
-                out = jax.tree.map(lambda x: x[jnp.argsort(~accepted(out), stable=True)[:n]], out)
+
+            def pick(ok):
+                return jnp.argsort(~ok, stable=True)[:n]
+
         else:
-            # K candidates per crystal (candidate-major rows) with its conditions and group
-            checked = (
-                spacegroup is not None or sampler.composition_check or sampler.accept_min_ratio > 0
-            )
+            # K candidates per crystal (candidate-major rows) with its conditions and group;
+            # each crystal keeps its first accepted candidate, else candidate 0
             K = 1 + sampler.retries if checked else 1
             rep = lambda x: jnp.tile(jnp.broadcast_to(jnp.asarray(x), (n,)), K)  # noqa: E731
             cond_k = {k: rep(v) for k, v in (conditions or {}).items()} or conditions
-            sg_k = None if spacegroup is None else rep(spacegroup)
-            prop = propose(params, k_flow, n * K, cond_k, sg_k, temperature)
-            if spacegroup is None and sampler.accept_min_ratio <= 0:
-                rows = first_accepted(prop["composition_valid"], n, K)
-                out = realise(params, k_dec, jax.tree.map(lambda x: x[rows], prop), None)
-            else:
-                out = realise(params, k_dec, prop, sg_k)
-                out = jax.tree.map(lambda x: x[first_accepted(accepted(out), n, K)], out)
+            spacegroup = None if spacegroup is None else rep(spacegroup)
+            prop = propose(params, k_flow, n * K, cond_k, spacegroup, temperature)
+
+            def pick(ok):
+                ok = ok.reshape(K, n)
+                first = jnp.where(jnp.any(ok, 0), jnp.argmax(ok, 0), 0)  # [n]
+                return first * n + jnp.arange(n)
+
+        if grouped or sampler.accept_min_ratio > 0:
+            out = realise(params, k_dec, prop, spacegroup)
+            out = take(out, pick(accepted(out)))
+        else:
+            # only the composition can fail: choose before the (costly) decoder GNN
+            out = realise(params, k_dec, take(prop, pick(prop["composition_valid"])), None)
         props = predict(params["predictor"], out["z"], stats) if pred_names else {}
         return {**out, "properties": props}
 
