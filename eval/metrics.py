@@ -478,20 +478,18 @@ def coverage(
         return float(np.mean(x)) if len(x) and np.isfinite(x).all() else float("nan")
 
     far_s, far_c = s_prec > struct_cutoff, c_prec > comp_cutoff
+
+    def share_of_generated(hits):
+        return float(hits.sum() / num_generated) if num_generated else 0.0
+
     return {
         "cov_recall": float(recall_hits.mean()) if len(recall_hits) else 0.0,
-        "cov_precision": float(precision_hits.sum() / num_generated) if num_generated else 0.0,
+        "cov_precision": share_of_generated(precision_hits),
         # why generated crystals miss, as shares of num_generated (they add up with
         # COV-P and the fingerprint failures to 1)
-        "cov_precision_miss_struct_only": float((far_s & ~far_c).sum() / num_generated)
-        if num_generated
-        else 0.0,
-        "cov_precision_miss_comp_only": float((~far_s & far_c).sum() / num_generated)
-        if num_generated
-        else 0.0,
-        "cov_precision_miss_both": float((far_s & far_c).sum() / num_generated)
-        if num_generated
-        else 0.0,
+        "cov_precision_miss_struct_only": share_of_generated(far_s & ~far_c),
+        "cov_precision_miss_comp_only": share_of_generated(~far_s & far_c),
+        "cov_precision_miss_both": share_of_generated(far_s & far_c),
         "amsd_recall": mean(s_rec),
         "amsd_precision": mean(s_prec),
         "amcd_recall": mean(c_rec),
