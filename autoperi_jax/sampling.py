@@ -169,6 +169,14 @@ class SamplerSettings:
     accept_min_ratio: float = 0.0
     inversion_tolerance: float = 0.1
 
+    def __post_init__(self):
+        for name in ("retries", "spare_fraction", "accept_min_ratio", "inversion_tolerance"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"SamplerSettings.{name} must be >= 0 (0 turns it off), got "
+                    f"{getattr(self, name)!r}"
+                )
+
 
 class PropertyHead(nn.Module):
     """Property regression head on the encoder's latent (same encoder + this head).

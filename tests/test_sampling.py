@@ -226,3 +226,9 @@ def test_candidate_checks_keep_charge_balanced_well_separated_crystals(setup, pl
     for conditioned in (False, True):
         assert share[False, conditioned] < 0.9, share  # without the checks many fail
         assert share[True, conditioned] > share[False, conditioned], share
+
+
+@pytest.mark.parametrize("name", ["retries", "spare_fraction", "accept_min_ratio"])
+def test_negative_candidate_settings_are_refused(name):
+    with pytest.raises(ValueError, match=f"SamplerSettings.{name} must be >= 0"):
+        SamplerSettings(**{name: -1})
