@@ -362,8 +362,17 @@ def load(
     cond_names = tuple(meta["cond_names"])
     pred_names = tuple(meta["pred_names"])
     hidden = tuple(meta["predictor_hidden"])
+    prior = np.asarray(tree["stats"].get("spacegroup_prior", np.zeros(0)))
     sample = make_sample_fn(
-        model, settings, ae["normalisers"], flow_config, cond_names, pred_names, hidden, sampler
+        model,
+        settings,
+        ae["normalisers"],
+        flow_config,
+        cond_names,
+        pred_names,
+        hidden,
+        sampler,
+        prior_groups=tuple(np.flatnonzero(prior > 0)) if prior.any() else None,
     )
     return Generator(
         model=model,

@@ -232,3 +232,28 @@ def test_candidate_checks_keep_charge_balanced_well_separated_crystals(setup, pl
 def test_negative_candidate_settings_are_refused(name):
     with pytest.raises(ValueError, match=f"SamplerSettings.{name} must be >= 0"):
         SamplerSettings(**{name: -1})
+
+
+def test_spacegroup_prior_draws_within_its_groups_with_a_cut_table(setup):
+    """With the space-group prior, ``prior_groups`` (what `autoperi_jax.api.load` passes:
+    the groups with non-zero prior) restricts the draws to those groups and cuts the
+    symmetry layer's table to them: the same crystals as the full table when it names the
+    prior's support; a smaller set than the support is never left."""
+    _, _, params, model = setup
+    _, settings = tiny_model()
+    norm = {"lattice_mean": [float(np.log(4.0))] * 3 + [0.0] * 3, "lattice_std": [0.05] * 6}
+    fc = FlowConfig(dim=12, n_layers=2, hidden=(16,), n_props=2, use_spacegroup=True,
+                    context_features=8)  # fmt: skip
+    prior = np.zeros(231, np.float32)
+    prior[[221, 99, 25]] = [0.5, 0.3, 0.2]
+    params = {**params, "stats": {**params["stats"], "spacegroup_prior": jnp.asarray(prior)}}
+    s = SamplerSettings(spacegroup_prior=True)
+    out = {}
+    for groups in (None, (25, 99, 221), (99,)):
+        fn = make_sample_fn(model, settings, norm, fc, NAMES, NAMES, (16,), s, groups)
+        out[groups] = jax.device_get(jax.jit(fn, static_argnums=2)(params, jax.random.key(4), N))
+    full, cut, only = out[None], out[(25, 99, 221)], out[(99,)]
+    assert set(full["spacegroup"]) <= {221, 99, 25} and len(set(full["spacegroup"])) > 1
+    for k in ("cell", "frac", "numbers", "spacegroup", "symmetrized"):
+        np.testing.assert_allclose(cut[k], full[k], atol=1e-5, err_msg=k)
+    assert np.all(only["spacegroup"] == 99)

@@ -372,6 +372,32 @@ def test_batched_equals_unbatched_with_mixed_groups(perov_perturbed):
         assert abs(r - r1) < 1e-5
 
 
+def test_table_cut_to_groups_is_exact_and_refuses_other_groups(perov_perturbed):
+    """``groups=`` cuts the padded table to the largest counts among the groups given (the
+    Perov-5 groups need 48 of 192 operations and 8 of 32 origin offsets): the same output
+    as the full table; a group outside the set comes back unchanged with residual inf."""
+    groups = (*PEROV_GROUPS, 47)
+    assert S.table_bounds(groups) == (48, 48, 8)
+    assert S.table_bounds() == (S.MAX_OPS, S.MAX_COSETS, S.MAX_OFFSETS)
+    assert S.table_bounds((225,))[0] == 192  # Fm-3m: 48 operations x 4 centrings
+    with pytest.raises(ValueError, match="0..230"):
+        S.table_bounds((231,))
+    d = perov_perturbed
+    n = 16
+    cell, frac, numbers, mask = _pad(d["pert"][:n], 5)
+    sg = np.asarray(d["groups"][:n], np.int32)
+    sg[-1] = 225  # outside the set
+    cut = jax.jit(jax.vmap(functools.partial(S.symmetrize, groups=groups)))
+    oc, of, res = (np.asarray(a) for a in cut(cell, frac, numbers, mask, sg))
+    fc, ff, fres = (np.asarray(a) for a in _batched()(cell, frac, numbers, mask, sg))
+    np.testing.assert_allclose(oc[:-1], fc[:-1], atol=1e-6)
+    np.testing.assert_allclose(of[:-1], ff[:-1], atol=1e-6)
+    np.testing.assert_allclose(res[:-1], fres[:-1], atol=1e-6)
+    assert np.isinf(res[-1]) and np.isfinite(fres[-1])
+    np.testing.assert_allclose(oc[-1], cell[-1], atol=1e-6)
+    np.testing.assert_allclose(of[-1, :5], np.mod(frac[-1, :5], 1.0), atol=1e-6)
+
+
 def test_gradients_are_finite_and_match_finite_differences(perov_perturbed, x64):
     """Gradients w.r.t. frac and cell are finite; the matching is locally constant, so a
     directional derivative equals a central finite difference (float64)."""
