@@ -34,8 +34,9 @@ decoder's ``max_atoms`` A):
    onto the group's operations (vmapped; ``spacegroup`` may be traced). A structure
    invariant under the group's operations has that group or a supergroup of it; the
    projection fails when the decoded composition or arrangement has no match in the
-   group; a second projection detects that (a symmetric structure is its fixed point)
-   and such a crystal keeps its decoded structure (``SamplerSettings.symmetry_*``); for
+   group; the asymmetry left in the result detects that (what a second projection would
+   measure: a symmetric structure is its fixed point) and such a crystal keeps its
+   decoded structure (``SamplerSettings.symmetry_*``); for
    a group without inversion, a result with an inversion centre within
    ``inversion_tolerance`` (a centrosymmetric supergroup at spglib's tolerance) is
    rejected too;
@@ -140,9 +141,11 @@ class SamplerSettings:
         flow's null label and no symmetrisation.
       symmetry_max_residual: largest residual (A: atom / lattice moves plus leftover
         asymmetry) of an accepted symmetrisation.
-      symmetry_tolerance: the symmetrised structure is projected a second time; it was
-        symmetric if that second residual (a symmetric structure is a fixed point) is
-        below this (A). A crystal failing either test (e.g. a composition with no
+      symmetry_tolerance: the symmetrised structure is symmetric if the asymmetry left in
+        it (A: the largest distance from an image of an atom under the group to the
+        nearest atom of its species; a second projection's residual measures the same, a
+        symmetric structure being its fixed point) is below this. A crystal failing
+        either test (e.g. a composition with no
         arrangement in the group: three different anions cannot fill the 3c orbit of
         Pm-3m) keeps its unsymmetrised decoded structure rather than a mangled one, and
         ``symmetrized`` is False for it.
@@ -371,6 +374,7 @@ def make_sample_fn(
             n_iter=sampler.symmetrize_iter,
             setting=sampler.symmetry_setting,
             groups=groups,
+            return_asymmetry=True,
         )
 
     def propose(params, key, n, conditions, spacegroup, temperature):
@@ -411,20 +415,15 @@ def make_sample_fn(
         else:
             sg = jnp.broadcast_to(jnp.asarray(spacegroup, jnp.int32), (n,))
 
-            def project(carry, _):
-                c, f = carry
-                c, f, r = jax.vmap(functools.partial(sym, groups=groups))(c, f, numbers, mask, sg)
-                return (c, f), r
-
-            # two passes through one compiled body: the second residual checks the first
-            (cell_s, frac_s), res = jax.lax.scan(project, (cell, frac), None, length=2)
-            residual = res[0]
+            cell_s, frac_s, residual, asymmetry = jax.vmap(functools.partial(sym, groups=groups))(
+                cell, frac, numbers, mask, sg
+            )  # [n, 3, 3], [n, A, 3], [n], [n]
             # the projection can also merge atoms (two atoms of a species onto one site of
             # the group): keep the decoded structure then too
             d_min = jax.vmap(min_dist)(cell_s, frac_s, mask)  # [n]
             ok = (
-                (res[0] <= sampler.symmetry_max_residual)
-                & (res[1] <= sampler.symmetry_tolerance)
+                (residual <= sampler.symmetry_max_residual)
+                & (asymmetry <= sampler.symmetry_tolerance)
                 & (d_min >= sampler.symmetry_min_distance)
             )  # [n]
             cell = jnp.where(ok[:, None, None], cell_s, cell)

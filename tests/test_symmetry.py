@@ -398,6 +398,30 @@ def test_table_cut_to_groups_is_exact_and_refuses_other_groups(perov_perturbed):
     np.testing.assert_allclose(of[-1, :5], np.mod(frac[-1, :5], 1.0), atol=1e-6)
 
 
+def test_asymmetry_is_what_a_second_projection_measures(perov):
+    """``return_asymmetry``: the asymmetry left in the output is ~0 where the projection
+    succeeded (a second projection leaves it in place) and large where the structure has
+    no arrangement in the group (three different anions cannot fill Pm-3m's 3c orbit),
+    where a second projection does not settle either."""
+    good = [c for g in PEROV_GROUPS for c in perov[g][:2]]
+    bad = []
+    for c in perov[221][:2]:
+        numbers = c.numbers.copy()
+        anions = np.flatnonzero(numbers == np.bincount(numbers).argmax())
+        numbers[anions[:2]] = [9, 17]  # O3 -> O F Cl
+        bad.append(c.replace(numbers=numbers))
+    crystals = good + bad
+    groups = [g for g in PEROV_GROUPS for _ in range(2)] + [221] * len(bad)
+    cell, frac, numbers, mask = _pad(crystals, 5)
+    fn = jax.jit(jax.vmap(functools.partial(S.symmetrize, return_asymmetry=True)))
+    c1, f1, _, asym = fn(cell, frac, numbers, mask, np.int32(groups))
+    _, _, res2, _ = fn(c1, f1, numbers, mask, np.int32(groups))
+    asym, res2 = np.asarray(asym), np.asarray(res2)
+    n = len(good)
+    assert asym[:n].max() < 1e-4 and res2[:n].max() < 1e-3, (asym, res2)
+    assert asym[n:].min() > 0.1 and res2[n:].min() > 0.02, (asym, res2)
+
+
 def test_gradients_are_finite_and_match_finite_differences(perov_perturbed, x64):
     """Gradients w.r.t. frac and cell are finite; the matching is locally constant, so a
     directional derivative equals a central finite difference (float64)."""
