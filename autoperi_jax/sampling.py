@@ -100,6 +100,9 @@ class SamplerSettings:
         (`autoperi_jax.physics.covalent_soft_sphere`).
       n_images: static image stencil of the constraint layer; (2, 2, 2) covers the
         largest soft-sphere diameter (2.9 A) for cell heights down to 1.5 A.
+      constraint_max_neighbors: pairs per atom in the constraint layer's neighbour lists
+        (`autoperi_jax.physics.batched_repulsive_constraint`: built once per crystal; a
+        batch with a longer list falls back to the dense stencil, same result).
       symmetrize_iter: matching + averaging rounds of `autoperi_jax.symmetry.symmetrize`.
       symmetry_setting: ``"conventional"`` or ``"primitive"`` cells (`symmetrize`).
       guidance: w of latent guidance: z = f(u | null) + w (f(u | c) - f(u | null)) with
@@ -161,6 +164,7 @@ class SamplerSettings:
     constraint_step_size: float = 0.4
     constraint_fraction: float = 0.6
     n_images: tuple[int, int, int] = (2, 2, 2)
+    constraint_max_neighbors: int = 32
     symmetrize_iter: int = 3
     symmetry_setting: str = "conventional"
     symmetry_max_residual: float = 1.0
@@ -181,6 +185,11 @@ class SamplerSettings:
                     f"SamplerSettings.{name} must be >= 0 (0 turns it off), got "
                     f"{getattr(self, name)!r}"
                 )
+        if self.constraint_max_neighbors < 1:
+            raise ValueError(
+                "SamplerSettings.constraint_max_neighbors must be >= 1, got "
+                f"{self.constraint_max_neighbors!r}"
+            )
 
 
 class PropertyHead(nn.Module):
@@ -309,11 +318,11 @@ def make_sample_fn(
       ``spacegroup`` [n] (requested label, 0 = none) and ``properties`` {name: [n]}.
     """
     from autoperi_jax.physics import (
+        batched_repulsive_constraint,
         composition_valid,
         covalent_soft_sphere,
         dense_pairs,
         min_distance_ratio,
-        repulsive_constraint,
     )
     from autoperi_jax.symmetry import (
         N_SPACEGROUPS,
@@ -336,8 +345,8 @@ def make_sample_fn(
     centro_table = centrosymmetric_groups(sampler.symmetry_setting)  # [231] bool
     n_images = tuple(int(v) for v in sampler.n_images)
 
-    def constrain(cell, frac, numbers, mask):
-        return repulsive_constraint(
+    def constrain(cell, frac, numbers, mask):  # [n, 3, 3], [n, A, 3], [n, A], [n, A]
+        return batched_repulsive_constraint(
             cell,
             frac,
             numbers,
@@ -346,6 +355,7 @@ def make_sample_fn(
             n_steps=sampler.constraint_steps,
             step_size=sampler.constraint_step_size,
             potential=potential,
+            max_neighbors=sampler.constraint_max_neighbors,
         )
 
     def min_dist(cell, frac, mask):
@@ -429,7 +439,7 @@ def make_sample_fn(
             cell = jnp.where(ok[:, None, None], cell_s, cell)
             frac = jnp.where(ok[:, None, None], frac_s, frac)
         if sampler.constraint_steps > 0:
-            frac = jax.vmap(constrain)(cell, frac, numbers, mask)
+            frac = constrain(cell, frac, numbers, mask)
         frac = jnp.where(mask[..., None], frac, 0.0)
         if sampler.accept_min_ratio > 0:
             ratio = jax.vmap(

@@ -100,3 +100,45 @@ def test_repulsive_constraint_removes_overlaps_and_is_identity_on_valid(x64):
     assert float(g[2, 0]) == pytest.approx(float(fd), rel=1e-5, abs=1e-8)
     batched = jax.vmap(lambda f_: physics.repulsive_constraint(cell, f_, z, mask, n_images=ni))
     np.testing.assert_allclose(np.asarray(batched(jnp.stack([frac, frac]))[1]), np.asarray(out))
+
+
+def test_batched_constraint_on_neighbour_lists_equals_the_dense_layer(x64):
+    """`batched_repulsive_constraint` (neighbour lists built once) returns the dense
+    layer's result: on crowded random structures whose lists are complete, and through the
+    batch-level fallback when a list is too short (``max_neighbors`` 4) or an atom moves
+    beyond half the skin (0.2 A; the default 1 A: most of these crowded structures)."""
+    from autoperi_jax.physics.relax import _listed_constraint
+
+    rng = np.random.default_rng(3)
+    ni = (2, 2, 2)
+    b, n = 12, 6
+    cell = np.diag([4.0, 4.2, 4.4]) + 0.2 * rng.normal(size=(b, 3, 3))
+    frac = rng.uniform(size=(b, n, 3))
+    frac[:, 1] = frac[:, 0] + 0.03  # an overlapping pair in every structure (~0.2 A)
+    z = rng.choice([8, 22, 38, 55], size=(b, n))
+    mask = np.arange(n)[None] < rng.integers(3, n + 1, size=(b, 1))
+    cell, frac, z, mask = (jnp.asarray(x) for x in (cell, frac, z, mask))
+    dense = jax.vmap(lambda c, f, zz, m: physics.repulsive_constraint(c, f, zz, m, n_images=ni))
+    ref = np.asarray(dense(cell, frac, z, mask))
+    assert float(np.abs(ref - np.asarray(frac) % 1.0).max()) > 0.01  # the layer acted
+
+    def close(a):
+        d = np.asarray(a) - ref
+        return float(np.abs(d - np.round(d)).max())
+
+    def listed(**kw):
+        opts = dict(n_images=ni, n_steps=20, step_size=0.4,
+                    potential=physics.covalent_soft_sphere(), **kw)  # fmt: skip
+        return jax.vmap(lambda c, f, zz, m: _listed_constraint(c, f, zz, m, **opts))(
+            cell, frac, z, mask
+        )
+
+    out, complete = listed(max_neighbors=400, skin=4.0)  # atoms move up to 1.5 A here
+    assert bool(jnp.all(complete)) and close(out) < 1e-10
+    for kw in (dict(max_neighbors=4), dict(skin=0.2)):
+        _, complete = listed(**{"max_neighbors": 400, "skin": 4.0, **kw})
+        assert not bool(jnp.all(complete)), kw
+        out = physics.batched_repulsive_constraint(cell, frac, z, mask, n_images=ni, **kw)
+        assert close(out) < 1e-10, kw
+    out = physics.batched_repulsive_constraint(cell, frac, z, mask, n_images=ni)
+    assert close(out) < 1e-10

@@ -232,6 +232,8 @@ def test_candidate_checks_keep_charge_balanced_well_separated_crystals(setup, pl
 def test_negative_candidate_settings_are_refused(name):
     with pytest.raises(ValueError, match=f"SamplerSettings.{name} must be >= 0"):
         SamplerSettings(**{name: -1})
+    with pytest.raises(ValueError, match="constraint_max_neighbors must be >= 1"):
+        SamplerSettings(constraint_max_neighbors=0)
 
 
 def test_spacegroup_prior_draws_within_its_groups_with_a_cut_table(setup):

@@ -18,7 +18,8 @@ Main entry points:
   ``covalent_soft_sphere``; ``energy``, ``atomic_energies``, ``energy_forces_stress``,
   ``forces``, ``stress``, ``batch_energy``, ``batch_energy_forces_stress``.
 * Relaxation: ``relax``, ``batch_relax`` (jax-md FIRE, optional cell), and the sampler's
-  constraint layer ``repulsive_constraint`` (+ ``min_distance_ratio``).
+  constraint layer ``repulsive_constraint`` (batched on neighbour lists:
+  ``batched_repulsive_constraint``; + ``min_distance_ratio``).
 * Phonons: ``force_constant_blocks``, ``dynamical_matrices``, ``phonon_frequencies``,
   ``min_omega2``, ``stability_loss``, ``monkhorst_pack``, ``gamma_and_mp_grid``.
 * Chemistry: ``coordination_numbers``, ``ionic_roles``, ``chem_loss``, ``ideal_cn_table``,
@@ -82,6 +83,7 @@ from autoperi_jax.physics.reference import NumpyPairCalculator, phonopy_from_ato
 from autoperi_jax.physics.relax import (
     RelaxResult,
     batch_relax,
+    batched_repulsive_constraint,
     min_distance_ratio,
     relax,
     repulsive_constraint,
@@ -100,6 +102,7 @@ __all__ = [
     "batch_energy_forces_stress",
     "batch_physics_losses",
     "batch_relax",
+    "batched_repulsive_constraint",
     "cell_heights",
     "cell_volume",
     "chem_loss",

