@@ -55,6 +55,9 @@ half an interplanar spacing of their atom; a structure much further from the gro
 a wrong matching, which shows as a large residual. Cost per structure grows as
 ``6 * 192 * n_atoms^2`` (matching) and ``6 * 32 * n_atoms * 48 * 4 * n_atoms`` (origin
 candidates); about 13 ms (8 atoms) and 50 ms (24 atoms) per structure on 2 CPU cores.
+The padded counts (192 operations, 48 point-group operations, 32 origin offsets) shrink to
+the largest among the groups a caller can request (``symmetrize(..., groups=...)``,
+`table_bounds`): 48 / 48 / 8 for Perov-5's groups, about 1.7 ms per 5-atom structure.
 """
 
 from __future__ import annotations
