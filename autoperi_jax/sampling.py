@@ -301,7 +301,7 @@ def make_sample_fn(
       prior_groups: the groups the space-group prior can draw (those with a non-zero
         ``stats["spacegroup_prior"]``; `autoperi_jax.api.load` passes them). Draws are
         restricted to them and the symmetry layer of prior draws cuts its operations table
-        to them (`autoperi_jax.symmetry.table_bounds`: the same result, ~4x cheaper for
+        to them (`autoperi_jax.symmetry.table_bounds`: the same result, ~3x cheaper for
         Perov-5's groups). None = any group (the full table).
 
     Returns:
