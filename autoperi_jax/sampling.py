@@ -14,7 +14,8 @@ decoder's ``max_atoms`` A):
 0. with ``SamplerSettings.spacegroup_prior`` and neither a group nor a property
    requested, a group is drawn per crystal from the training distribution of groups
    and treated as requested below (p(x) = sum_g p(g) p(x | g));
-1. base noise ``u ~ N(0, T^2 I)`` (temperature T, default 1) -> `ConditionalRealNVP`
+1. base noise ``u ~ N(0, T^2 I)`` (temperature T: ``SamplerSettings.temperature``, or
+   ``conditioned_temperature`` with a requested property or group) -> `ConditionalRealNVP`
    forward ``z_std = f(u | c)`` with the context c built from the conditions: every
    property given in ``conditions`` (physical units) is standardised with the training
    mean / std of the flow stage; a property not given takes the flow's learned null
@@ -89,6 +90,11 @@ class SamplerSettings:
     Attributes:
       temperature: default T of the base noise (a traced argument of ``sample`` may
         override it).
+      conditioned_temperature: default T when a property or a space group is requested
+        (None = ``temperature``). The shipped Perov-5 model draws unconditioned samples
+        at T = 1.1 (its flow under-samples the edge of the latent distribution) and
+        conditioned ones at 1.0, which lands closer to property targets and requested
+        groups (`train/configs/flow_perov_5.py`).
       num_steps: Euler steps of the coordinate decoder (NFE per crystal); None keeps the
         autoencoder's ``ModelSettings.num_steps``.
       prior_noise: std (fractional) of the noise around the coordinate guess where the
@@ -160,6 +166,7 @@ class SamplerSettings:
     """
 
     temperature: float = 1.0
+    conditioned_temperature: float | None = None
     num_steps: int | None = None
     prior_noise: float | None = None
     constraint_steps: int = 20
@@ -308,7 +315,9 @@ def make_sample_fn(
       ``sample`` whose arguments are ``params`` (module docstring), ``key``, ``n``
       (static), ``conditions`` (dict name -> scalar or [n] values in physical units; NaN
       or a missing name = unconditioned on it), ``spacegroup`` (None, or an int / [n]
-      ints in 1..230, 0 = none for that sample) and ``temperature`` (None = the sampler's).
+      ints in 1..230, 0 = none for that sample) and ``temperature`` (None = the sampler's:
+      ``conditioned_temperature`` when a property or a group is requested and it is set,
+      else ``temperature``).
       Its output dict holds ``cell`` [n, 3, 3], ``frac`` [n, A, 3] (0 on empty slots),
       ``numbers`` [n, A] (0 on empty slots), ``mask`` [n, A] (slot a < n_atoms),
       ``n_atoms`` [n], ``z`` [n, D], ``log_prob`` [n] (flow log-density of the
@@ -479,6 +488,8 @@ def make_sample_fn(
         stats = params["stats"]
         k_flow, k_dec = jax.random.split(key)
         requested = spacegroup is not None or bool(conditions)
+        if temperature is None and requested and sampler.conditioned_temperature is not None:
+            temperature = sampler.conditioned_temperature
         draw_groups = not requested and sampler.spacegroup_prior and flow_config.use_spacegroup
         grouped = spacegroup is not None or draw_groups
         checked = grouped or sampler.composition_check or sampler.accept_min_ratio > 0

@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = {}
     if args.temperature is not None:
-        overrides["temperature"] = args.temperature
+        overrides["temperature"] = args.temperature  # the unconditioned baseline
+        overrides["conditioned_temperature"] = args.temperature
     if args.num_steps is not None:
         overrides["num_steps"] = args.num_steps
     if args.guidance is not None:

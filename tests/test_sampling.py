@@ -259,3 +259,38 @@ def test_spacegroup_prior_draws_within_its_groups_with_a_cut_table(setup):
     for k in ("cell", "frac", "numbers", "spacegroup", "symmetrized"):
         np.testing.assert_allclose(cut[k], full[k], atol=1e-5, err_msg=k)
     assert np.all(only["spacegroup"] == 99)
+
+
+def test_conditioned_temperature_applies_only_when_something_is_requested(setup):
+    """``SamplerSettings.conditioned_temperature`` is the default T of conditioned sampling
+    (a property or a group requested), ``temperature`` that of unconditioned sampling; an
+    explicit ``temperature`` argument overrides both. Checked against a sampler with the
+    default settings given each T explicitly (the flow part only: the same base noise)."""
+    _, _, params, model = setup
+    _, settings = tiny_model()
+    norm = {"lattice_mean": [float(np.log(4.0))] * 3 + [0.0] * 3, "lattice_std": [0.05] * 6}
+    fc = FlowConfig(dim=12, n_layers=2, hidden=(16,), n_props=2, use_spacegroup=True,
+                    context_features=8)  # fmt: skip
+    cheap = dict(constraint_steps=0, composition_check=False)  # no checks, one candidate
+
+    def build(s):
+        fn = make_sample_fn(model, settings, norm, fc, NAMES, NAMES, (16,), s)
+        return jax.jit(fn, static_argnums=2)
+
+    two = build(SamplerSettings(temperature=1.3, conditioned_temperature=0.7, **cheap))
+    ref = build(SamplerSettings(**cheap))
+    key, cond = jax.random.PRNGKey(5), {"heat_ref": 0.5}
+    z = lambda out: np.asarray(out["z"])  # noqa: E731
+    np.testing.assert_array_equal(
+        z(two(params, key, N, cond)), z(ref(params, key, N, cond, None, 0.7))
+    )
+    np.testing.assert_array_equal(z(two(params, key, N)), z(ref(params, key, N, None, None, 1.3)))
+    np.testing.assert_array_equal(
+        z(two(params, key, N, cond, None, 1.3)), z(ref(params, key, N, cond, None, 1.3))
+    )
+    assert (
+        np.abs(
+            z(ref(params, key, N, cond, None, 0.7)) - z(ref(params, key, N, cond, None, 1.3))
+        ).max()
+        > 1e-3
+    )
