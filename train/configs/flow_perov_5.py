@@ -66,7 +66,22 @@ def get_config() -> ml_collections.ConfigDict:
 
     # SamplerSettings saved with the model (autoperi_jax.sampling).
     c.sampler = ml_collections.ConfigDict()
-    c.sampler.temperature = 1.0
+    # Base-noise temperature T > 1: the flow under-samples the edge of the latent
+    # distribution, where the crystals with K, Cs and Li sit (8,192 draws decoded to
+    # compositions, share of samples with K / Cs / Li vs the train split: 0.53 / 0.76 /
+    # 0.70 at T = 1.0; total variation of the element marginals 0.176 at T = 1.0, 0.127 at
+    # 1.15, 0.147 at 1.3; the decoder itself returns every train composition exactly).
+    # Chosen on the validation split with the limit below, 3 seeds of 4,000 samples,
+    # T = 1.0 and 0.3 A -> T = 1.1 and 0.2 A: COV-R 97.70 / 98.47 / 98.60 -> 98.39 / 98.39 /
+    # 98.89 %, COV-P 98.90 / 98.62 / 98.70 -> 98.72 / 98.68 / 98.58 %, EMD density 0.132 /
+    # 0.114 / 0.107 -> 0.088 / 0.144 / 0.091, #elements 0.035 / 0.040 / 0.038 -> 0.029 /
+    # 0.035 / 0.034 (the seed-to-seed spread is as large as the change: a small gain).
+    c.sampler.temperature = 1.1
+    # Requested properties / space groups keep T = 1.0 (eval.cond_study, 500 per target /
+    # group, 0.2 A limit): T = 1.0 / 1.1, heat_ref targets 0.439 / 2.681 MAE 0.635 / 0.664
+    # and 0.815 / 0.828; groups 221 / 123 / 99 / 25 / 47 obtained for 99.6 / 99.4 / 99.4 /
+    # 93.8 / 98.0 % at 1.0 and 99.2 / 98.4 / 98.8 / 93.4 / 96.6 % at 1.1.
+    c.sampler.conditioned_temperature = 1.0
     # Euler steps of the coordinate decoder (NFE per crystal; None = the autoencoder's 20).
     # Reconstruction of 1,000 Perov-5 test crystals with runs/p5_c: match rate 99.0 % at
     # 20, 10, 5, 2 and 1 steps, RMSE 0.0231 / 0.0229 / 0.0228 / 0.0246 / 0.0300: the
@@ -101,7 +116,9 @@ def get_config() -> ml_collections.ConfigDict:
     # 4,000 samples, symmetry_max_residual 1.0 / 0.45 / 0.3 / 0.2:
     # COV-P 98.48 / 98.72 / 98.90 / 98.98 %, COV-R 97.62 / 97.76 / 97.70 / 97.65 %. About
     # 20 % of candidates are now rejected, so the pool holds 1.5 n for n returned.
-    c.sampler.symmetry_max_residual = 0.3
+    # 0.3 was shipped first; 0.2 came with T = 1.1 (see the temperature above); with both,
+    # 77 % of candidates pass (4 batches of 1,024: 0.745-0.793), so 1.5 n still suffices.
+    c.sampler.symmetry_max_residual = 0.2
     c.sampler.spare_fraction = 0.5
     # Groups without inversion (P4mm, Pmm2): reject centrosymmetric results (spglib at
     # symprec 0.1 would report P4/mmm, Pmmm, ...; autoperi_jax.symmetry.has_inversion_centre).
