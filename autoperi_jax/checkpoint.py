@@ -150,7 +150,7 @@ class Checkpointer:
             try:
                 target = abstract_state
                 if target is None:
-                    target = self._single_device_target(s)
+                    target = single_device_target(self.directory / str(s) / "state")
                 out = self.manager.restore(
                     s,
                     args=ocp.args.Composite(
@@ -172,23 +172,25 @@ class Checkpointer:
             return out.state, dict(out.meta), s
         return None
 
-    def _single_device_target(self, step: int) -> Any:
-        """Abstract ``state`` of a saved step (shapes and dtypes from its metadata) placed
-        on ``jax.local_devices()[0]``."""
-        ocp = self._ocp
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        handler = ocp.StandardCheckpointHandler()
-        try:
-            tree = handler.metadata(self.directory / str(step) / "state")
-        finally:
-            handler.close()
-        return jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree
-        )
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def single_device_target(item_dir: str | os.PathLike) -> Any:
+    """Abstract pytree of a saved ``StandardSave`` item (shapes and dtypes from its
+    metadata) placed on ``jax.local_devices()[0]``: restoring into it works whatever
+    device layout wrote the item (without a target Orbax refuses a checkpoint written on
+    another topology, e.g. 4 CPU devices read on one GPU)."""
+    import orbax.checkpoint as ocp
+
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        tree = handler.metadata(Path(item_dir).absolute())
+    finally:
+        handler.close()
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
 
 
 def save_pytree(directory: str | os.PathLike, tree: Any, meta: dict[str, Any]) -> None:

@@ -58,6 +58,42 @@ def test_reads_format_1(tmp_path):
         load_checkpoint(tmp_path / "nothing")
 
 
+_SAVE_SHARDED = """
+import sys
+from pathlib import Path
+import jax, jax.numpy as jnp, ml_collections, numpy as np
+sys.path.insert(0, "tests")
+from test_train_compat import _save_format_1
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
+sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+kernel = jax.device_put(jnp.arange(12.0).reshape(4, 3), sharded)
+state = {"params": {"dense": {"kernel": kernel, "bias": jnp.ones(3)}}, "step": jnp.int32(3)}
+config = ml_collections.ConfigDict({"seed": 0})
+norm = {"lattice_mean": [1.0] * 6, "lattice_std": [0.5] * 6}
+_save_format_1(Path(sys.argv[1]), 3, state, config, norm, {"epoch": 0})
+"""
+
+
+def test_reads_format_1_written_on_another_device_layout(tmp_path):
+    """A format-1 run saved with its parameters sharded over 4 devices is read on this
+    process's one device (Orbax alone refuses: "Topology mismatch"; e.g. a run trained on
+    CPU read by `autoperi train-flow` on a GPU)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-c", _SAVE_SHARDED, str(tmp_path)], cwd=ROOT, env=env, check=True
+    )
+    ck = load_checkpoint(tmp_path)
+    assert ck["format"] == 1 and ck["step"] == 3
+    kernel = ck["params"]["dense"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(kernel), np.arange(12.0).reshape(4, 3))
+    assert len(kernel.sharding.device_set) == 1
+
+
 @pytest.mark.skipif(not (ROOT / "runs" / "p5_c" / "checkpoints").is_dir(), reason="no p5_c run")
 def test_reads_the_shipped_perov5_run():
     ck = load_checkpoint(ROOT / "runs" / "p5_c")

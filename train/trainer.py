@@ -197,6 +197,8 @@ def _load_legacy(root: Path, step: int) -> dict[str, Any]:
     data = JsonSave)``, e.g. runs written before the sharded trainer)."""
     import orbax.checkpoint as ocp
 
+    from autoperi_jax.checkpoint import single_device_target
+
     mngr = ocp.CheckpointManager(
         root.absolute(),
         options=ocp.CheckpointManagerOptions(create=False, read_only=True),
@@ -211,7 +213,8 @@ def _load_legacy(root: Path, step: int) -> dict[str, Any]:
                 data=ocp.args.JsonRestore(),
             ),
         )
-        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        target = single_device_target(root.absolute() / str(step) / "state")
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     finally:
         mngr.close()
     state = state["state"]
