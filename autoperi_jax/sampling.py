@@ -150,7 +150,7 @@ class SamplerSettings:
         applied. Off, or with property conditions (p(g | property) is not modelled): the
         flow's null label and no symmetrisation.
       symmetry_max_residual: largest residual (A: atom / lattice moves plus leftover
-        asymmetry) of an accepted symmetrisation (the shipped Perov-5 model uses 0.3:
+        asymmetry) of an accepted symmetrisation (the shipped Perov-5 model uses 0.2:
         candidates that needed larger moves were the ones far from every test structure).
       symmetry_tolerance: the symmetrised structure is symmetric if the asymmetry left in
         it (A: the largest distance from an image of an atom under the group to the
