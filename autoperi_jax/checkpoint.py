@@ -205,7 +205,9 @@ def save_pytree(directory: str | os.PathLike, tree: Any, meta: dict[str, Any]) -
 
 
 def load_pytree(directory: str | os.PathLike, target: Any | None = None) -> tuple[Any, dict]:
-    """Reads what `save_pytree` wrote; ``target`` (optional) gives structure/shardings."""
+    """Reads what `save_pytree` wrote; ``target`` (optional) gives structure/shardings,
+    else every array lands on this process's first device (`single_device_target`), so a
+    bundle written with its arrays sharded over several devices loads on one."""
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
@@ -213,5 +215,7 @@ def load_pytree(directory: str | os.PathLike, target: Any | None = None) -> tupl
         raise FileNotFoundError(f"{directory}: no meta.json, not a saved model")
     meta = json.loads((directory / "meta.json").read_text())
     with ocp.StandardCheckpointer() as ckptr:
+        if target is None:
+            target = single_device_target(directory / "params")
         tree = ckptr.restore(directory / "params", target)
     return tree, meta
