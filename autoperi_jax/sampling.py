@@ -332,7 +332,7 @@ def make_sample_fn(
         batched_repulsive_constraint,
         composition_valid,
         covalent_soft_sphere,
-        dense_pairs,
+        min_distance,
         min_distance_ratio,
     )
     from autoperi_jax.symmetry import (
@@ -368,18 +368,6 @@ def make_sample_fn(
             potential=potential,
             max_neighbors=sampler.constraint_max_neighbors,
         )
-
-    def min_dist(cell, frac, mask):
-        """Smallest periodic distance between two atoms (coincident atoms give 0; only
-        used for a decision, so no gradient is needed)."""
-        pairs = dense_pairs(cell, jax.lax.stop_gradient(frac), mask, n_images)
-        r2 = jnp.sum(pairs.vec**2, -1)  # [A, A, S]
-        self_pair = (
-            jnp.all(pairs.shifts == 0, -1)[None, None, :]
-            & jnp.eye(mask.shape[0], dtype=bool)[..., None]
-        )
-        real = mask[:, None, None] & mask[None, :, None] & ~self_pair
-        return jnp.sqrt(jnp.min(jnp.where(real, r2, jnp.inf)))
 
     if prior_groups is not None:
         prior_groups = tuple(sorted({int(g) for g in prior_groups}))
@@ -441,7 +429,9 @@ def make_sample_fn(
             )  # [n, 3, 3], [n, A, 3], [n], [n]
             # the projection can also merge atoms (two atoms of a species onto one site of
             # the group): keep the decoded structure then too
-            d_min = jax.vmap(min_dist)(cell_s, frac_s, mask)  # [n]
+            d_min = jax.vmap(
+                lambda c, f, m: min_distance(c, jax.lax.stop_gradient(f), m, n_images=n_images)
+            )(cell_s, frac_s, mask)  # [n]
             ok = (
                 (residual <= sampler.symmetry_max_residual)
                 & (asymmetry <= sampler.symmetry_tolerance)

@@ -146,3 +146,33 @@ def test_batched_constraint_on_neighbour_lists_equals_the_dense_layer(x64):
             assert close(out) < 1e-10, (kw, redo)
     out = physics.batched_repulsive_constraint(cell, frac, z, mask, n_images=ni)
     assert close(out) < 1e-10
+
+
+def test_min_distance_and_ratio_match_ase_and_flag_coincident_atoms(x64):
+    """`min_distance` / `min_distance_ratio` against ASE's neighbour list on perovskites
+    with a padded slot, and 0 for two atoms on one site (which ``DensePairs.valid`` drops
+    as zero-length pairs: a check built on it would pass a merged structure)."""
+    from ase.neighborlist import neighbor_list
+
+    from autoperi_jax.elements import COVALENT_RADIUS
+
+    ni = (2, 2, 2)
+    for a in perov_atoms(3):
+        i, j, d = neighbor_list("ijd", a, 6.0)
+        r = np.asarray(COVALENT_RADIUS)[a.numbers]
+        frac = np.concatenate([a.get_scaled_positions(), [[0.3, 0.3, 0.3]]])  # + padding
+        z, mask = np.append(a.numbers, 0), np.arange(len(frac)) < len(a)
+        args = (jnp.asarray(a.cell[:]), jnp.asarray(frac))
+        assert float(physics.min_distance(*args, jnp.asarray(mask), n_images=ni)) == (
+            pytest.approx(d.min(), rel=1e-9)
+        )
+        contact = physics.covalent_soft_sphere(fraction=1.0)  # d_ij = r_cov_i + r_cov_j
+        ratio = physics.min_distance_ratio(
+            *args, jnp.asarray(z), jnp.asarray(mask), n_images=ni, potential=contact
+        )
+        assert float(ratio) == pytest.approx(np.min(d / (r[i] + r[j])), rel=1e-9)
+        merged = frac.copy()
+        merged[1] = merged[0]  # B onto A
+        args = (jnp.asarray(a.cell[:]), jnp.asarray(merged), jnp.asarray(z), jnp.asarray(mask))
+        assert float(physics.min_distance(args[0], args[1], args[3], n_images=ni)) == 0.0
+        assert float(physics.min_distance_ratio(*args, n_images=ni)) == 0.0

@@ -19,7 +19,7 @@ Main entry points:
   ``forces``, ``stress``, ``batch_energy``, ``batch_energy_forces_stress``.
 * Relaxation: ``relax``, ``batch_relax`` (jax-md FIRE, optional cell), and the sampler's
   constraint layer ``repulsive_constraint`` (batched on neighbour lists:
-  ``batched_repulsive_constraint``; + ``min_distance_ratio``).
+  ``batched_repulsive_constraint``; + ``min_distance``, ``min_distance_ratio``).
 * Phonons: ``force_constant_blocks``, ``dynamical_matrices``, ``phonon_frequencies``,
   ``min_omega2``, ``stability_loss``, ``monkhorst_pack``, ``gamma_and_mp_grid``.
 * Chemistry: ``coordination_numbers``, ``ionic_roles``, ``chem_loss``, ``ideal_cn_table``,
@@ -84,6 +84,7 @@ from autoperi_jax.physics.relax import (
     RelaxResult,
     batch_relax,
     batched_repulsive_constraint,
+    min_distance,
     min_distance_ratio,
     relax,
     repulsive_constraint,
@@ -123,6 +124,7 @@ __all__ = [
     "ionic_roles",
     "l_phys",
     "make_pair_potential",
+    "min_distance",
     "min_distance_ratio",
     "min_omega2",
     "monkhorst_pack",

@@ -384,6 +384,51 @@ def batched_repulsive_constraint(
     )
 
 
+def _min_scaled_distance(
+    cell: Array,  # [3, 3]
+    frac: Array,  # [N, 3]
+    atom_mask: Array | None,  # [N] bool
+    n_images: tuple[int, int, int],
+    scale: Array | None,  # [N, N] or None
+) -> Array:
+    """Smallest ``r_ij^k / scale_ij`` over every periodic pair of two real atoms other than
+    an atom with itself (``i == j, k == 0``). Unlike ``DensePairs.valid`` this keeps
+    coincident atoms: they give 0. A check, not a loss: the square root of 0 has no
+    gradient."""
+    pairs = dense_pairs(cell, frac, atom_mask, n_images)
+    n = frac.shape[0]
+    mask = jnp.ones((n,), bool) if atom_mask is None else atom_mask
+    r2 = jnp.sum(pairs.vec**2, -1)  # [N, N, S]
+    if scale is not None:
+        r2 = r2 / scale[:, :, None] ** 2
+    self_pair = jnp.eye(n, dtype=bool)[..., None] & jnp.all(pairs.shifts == 0, -1)[None, None]
+    real = mask[:, None, None] & mask[None, :, None] & ~self_pair  # [N, N, S]
+    return jnp.sqrt(jnp.min(jnp.where(real, r2, jnp.inf)))
+
+
+@partial(jax.jit, static_argnames=("n_images",))
+def min_distance(
+    cell: Array,  # [3, 3]
+    frac: Array,  # [N, 3]
+    atom_mask: Array | None = None,  # [N] bool
+    *,
+    n_images: tuple[int, int, int],
+) -> Array:
+    """Smallest periodic distance between two atoms [A] (0 for coincident atoms; inf for
+    one atom whose images lie beyond the stencil).
+
+    Args:
+        cell: ``[3, 3]`` [A].
+        frac: ``[N, 3]``.
+        atom_mask: ``[N]`` bool or None.
+        n_images: Static image stencil.
+
+    Returns:
+        Scalar [A].
+    """
+    return _min_scaled_distance(cell, frac, atom_mask, n_images, None)
+
+
 @partial(jax.jit, static_argnames=("n_images",))
 def min_distance_ratio(
     cell: Array,  # [3, 3]
@@ -394,7 +439,8 @@ def min_distance_ratio(
     n_images: tuple[int, int, int],
     potential: PairPotential | None = None,
 ) -> Array:
-    """Smallest ``r_ij / d_ij`` over all periodic pairs (``d_ij`` from the soft-sphere table).
+    """Smallest ``r_ij / d_ij`` over all periodic pairs (``d_ij`` from the soft-sphere table;
+    coincident atoms give 0).
 
     Args:
         cell: ``[3, 3]`` [A].
@@ -409,7 +455,5 @@ def min_distance_ratio(
     """
     if potential is None:
         potential = covalent_soft_sphere()
-    pairs = dense_pairs(cell, frac, atom_mask, n_images)
-    d = potential.sigma[numbers[:, None, None], numbers[None, :, None]].astype(frac.dtype)
-    ratio = jnp.where(pairs.valid, pairs.dist / d, jnp.inf)
-    return jnp.min(ratio)
+    d = potential.sigma[numbers[:, None], numbers[None, :]].astype(frac.dtype)  # [N, N]
+    return _min_scaled_distance(cell, frac, atom_mask, n_images, d)
