@@ -65,7 +65,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from autoperi_jax.flow import FlowConfig, FlowContext, make_flow
@@ -336,8 +335,8 @@ def make_sample_fn(
         min_distance_ratio,
     )
     from autoperi_jax.symmetry import (
-        N_SPACEGROUPS,
         centrosymmetric_groups,
+        group_mask,
         has_inversion_centre,
         symmetrize,
     )
@@ -371,7 +370,7 @@ def make_sample_fn(
 
     if prior_groups is not None:
         prior_groups = tuple(sorted({int(g) for g in prior_groups}))
-        in_prior = jnp.asarray(np.isin(np.arange(N_SPACEGROUPS), prior_groups))  # [231]
+        in_prior = jnp.asarray(group_mask(prior_groups))  # [231]
 
     def sym(cell, frac, numbers, mask, sg, groups):
         return symmetrize(

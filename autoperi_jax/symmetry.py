@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -77,6 +78,7 @@ __all__ = [
     "build_table",
     "centrosymmetric_groups",
     "get_table",
+    "group_mask",
     "has_inversion_centre",
     "standard_hall_numbers",
     "symmetrize",
@@ -688,7 +690,7 @@ def symmetrize(
     identity = sg == 0
     if groups is not None:
         # a group beyond the cut table would be projected onto some of its operations
-        inside = jnp.asarray(np.isin(np.arange(N_SPACEGROUPS), groups))[sg]
+        inside = jnp.asarray(group_mask(groups))[sg]
         identity = identity | ~inside
         residual = jnp.where(inside, residual, jnp.inf)
         asymmetry = jnp.where(inside, asymmetry, jnp.inf)
@@ -721,6 +723,11 @@ def table_bounds(
         int(t.coset_mask[g].sum(-1).max()),
         int(t.key_offsets_mask[g].sum(-1).max()),
     )
+
+
+def group_mask(groups: Iterable[int]) -> np.ndarray:
+    """[231] bool, True on the rows of the space groups in ``groups`` (ints 0-230)."""
+    return np.isin(np.arange(N_SPACEGROUPS), np.asarray(tuple(groups), int))
 
 
 def centrosymmetric_groups(setting: str = "conventional") -> np.ndarray:
