@@ -42,6 +42,7 @@ from autoperi_jax.sampling import (
     PropertyHead,
     SamplerSettings,
     decoding_settings,
+    draws_spacegroups,
     make_predict_fn,
     make_sample_fn,
 )
@@ -194,9 +195,7 @@ class Generator:
         when the symmetry layer (space-group prior) or the contact check runs. The real
         ratio for a batch of n is ``ceil(spare_fraction * n) / n + 1``."""
         s = self.sampler
-        decoded_pool = (s.spacegroup_prior and self.flow_config.use_spacegroup) or (
-            s.accept_min_ratio > 0
-        )
+        decoded_pool = draws_spacegroups(s, self.flow_config) or s.accept_min_ratio > 0
         return 1.0 + s.spare_fraction if decoded_pool else 1.0
 
     @property

@@ -75,6 +75,7 @@ __all__ = [
     "PropertyHead",
     "SamplerSettings",
     "decoding_settings",
+    "draws_spacegroups",
     "make_predict_fn",
     "make_sample_fn",
 ]
@@ -281,6 +282,13 @@ def decoding_settings(settings: ModelSettings, sampler: SamplerSettings) -> Mode
     return settings
 
 
+def draws_spacegroups(sampler: SamplerSettings, flow_config: FlowConfig) -> bool:
+    """Whether unconditioned sampling draws a space group per crystal from the training
+    prior and symmetrises onto it (then every candidate is decoded, as when the contact
+    check runs: acceptance is known only after the decoder)."""
+    return bool(sampler.spacegroup_prior and flow_config.use_spacegroup)
+
+
 def make_sample_fn(
     model: Autoencoder,
     settings: ModelSettings,
@@ -479,7 +487,7 @@ def make_sample_fn(
         requested = spacegroup is not None or bool(conditions)
         if temperature is None and requested and sampler.conditioned_temperature is not None:
             temperature = sampler.conditioned_temperature
-        draw_groups = not requested and sampler.spacegroup_prior and flow_config.use_spacegroup
+        draw_groups = not requested and draws_spacegroups(sampler, flow_config)
         grouped = spacegroup is not None or draw_groups
         checked = grouped or sampler.composition_check or sampler.accept_min_ratio > 0
         if not requested:
