@@ -56,6 +56,7 @@ def run(tmp_path_factory, tiny_perov_data):
     fc.predictor.batch_size = 32
     fc.sampler.num_steps = 2
     fc.sampler.constraint_steps = 5
+    fc.z_noise_parts = {"comp": 0.1}  # per-part dequantisation noise (noise_scales)
     summary = train_flow(workdir, fc, checkpoint=ckpt)
     return workdir, summary
 
@@ -182,6 +183,18 @@ def test_sample_writes_each_finished_batch_before_a_crash(gen, tmp_path):
     assert len(list(folder.glob("sample_*.cif"))) == 5
     lines = (folder / "properties.csv").read_text().splitlines()
     assert lines[0].startswith("name,") and "heat_ref" in lines[0] and len(lines) == 6
+
+
+def test_noise_scales_per_latent_part():
+    from train.flow_stage import noise_scales
+
+    parts = (("lattice", 2), ("comp", 3), ("struct", 1))
+    np.testing.assert_array_equal(
+        noise_scales(0.05, {"comp": 0.2}, parts, 6), np.float32([0.05] * 2 + [0.2] * 3 + [0.05])
+    )
+    np.testing.assert_array_equal(noise_scales(0.1, None, parts, 6), np.full(6, 0.1, np.float32))
+    with pytest.raises(ValueError, match=r"\['compo'\], not latent parts"):
+        noise_scales(0.05, {"compo": 0.2}, parts, 6)
 
 
 def test_checkpoint_from_shipped_bundle_is_its_autoencoder(perov_test):

@@ -140,15 +140,46 @@ def latent_split(
 
 
 # ------------------------------------------------------------------------------ flow
+def noise_scales(
+    z_noise: float, per_part: dict[str, float] | None, parts: tuple[tuple[str, int], ...], dim: int
+) -> np.ndarray:
+    """[D] std of the dequantisation noise per coordinate of the standardised z:
+    ``z_noise`` everywhere, except the latent parts named in ``per_part`` (e.g.
+    ``{"comp": 0.2}``), which take their own value.
+
+    Raises:
+      ValueError: a name in ``per_part`` that is not one of ``parts``.
+    """
+    scale = np.full(dim, float(z_noise), np.float32)
+    per_part = dict(per_part or {})
+    start = 0
+    for name, size in parts:
+        if name in per_part:
+            scale[start : start + size] = float(per_part.pop(name))
+        start += size
+    if per_part:
+        raise ValueError(
+            f"z_noise_parts names {sorted(per_part)}, not latent parts of this model "
+            f"({[n for n, _ in parts]})"
+        )
+    return scale
+
+
 def make_flow_loss(
-    flow: Any, z_noise: float, p_uncond: float, p_props: float, p_spacegroup: float
+    flow: Any,
+    z_noise: float | np.ndarray,
+    p_uncond: float,
+    p_props: float,
+    p_spacegroup: float,
 ) -> Any:
     """``loss(params, z [B, D], props [B, P], sg [B], key) -> L_gen``: dequantisation noise
-    on the standardised z, then condition dropout (module docstring)."""
+    on the standardised z (std ``z_noise``, a scalar or [D] from `noise_scales`), then
+    condition dropout (module docstring)."""
+    z_noise = np.asarray(z_noise, np.float32)
 
     def loss(params, z, props, sg, key):
         k_noise, k_drop, k_all = jax.random.split(key, 3)
-        if z_noise > 0:
+        if np.any(z_noise > 0):
             z = z + z_noise * jax.random.normal(k_noise, z.shape, z.dtype)
         ctx = FlowContext(
             props if props.shape[-1] else None,
@@ -426,8 +457,11 @@ def train_flow(
         config.grad_clip,
     )
     opt = tx.init(params)
+    noise = noise_scales(
+        config.z_noise, config.get("z_noise_parts", None), flow_config.parts, flow_config.dim
+    )
     loss_fn = make_flow_loss(
-        flow, config.z_noise, config.p_uncond, config.p_drop_props, config.p_drop_spacegroup
+        flow, noise, config.p_uncond, config.p_drop_props, config.p_drop_spacegroup
     )
     d_zt, d_ct, d_sgt = jnp.asarray(zt), jnp.asarray(ct), jnp.asarray(sgt)
 

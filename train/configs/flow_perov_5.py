@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.grad_clip = 5.0
     c.z_min_std = 1e-3  # floor of the per-coordinate std used to standardise z
     c.z_noise = 0.05  # dequantisation noise on the standardised z (training only)
+    # Per latent part instead, e.g. --config.z_noise_parts="{'comp': 0.2}" (parts not
+    # named keep z_noise; names: lattice, comp, struct). None = z_noise everywhere.
+    c.z_noise_parts = None
     c.p_uncond = 0.2  # drop every condition of a sample (trains the marginal p(z))
     c.p_drop_props = 0.2  # then drop each property independently
     c.p_drop_spacegroup = 0.2  # and the space group
