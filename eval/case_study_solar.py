@@ -69,8 +69,12 @@ def lookup_gaps(crystals, index) -> list[tuple[float, str] | None]:
     return out
 
 
-def summarize(crystals, gaps, train_index_ids: set[str]) -> dict:
-    """Validity, novelty and gap statistics of one sample set."""
+GAP_TOLERANCE = 0.2  # eV: a looked-up gap this close to the target is a hit (issue #4)
+
+
+def summarize(crystals, gaps, train_index_ids: set[str], target: float | None = None) -> dict:
+    """Validity, novelty and gap statistics of one sample set; with ``target``, also the
+    mean absolute error of the looked-up gaps to it and the share within `GAP_TOLERANCE`."""
     from eval.metrics import crystal_validity
 
     struct, comp = crystal_validity(crystals)
@@ -94,6 +98,14 @@ def summarize(crystals, gaps, train_index_ids: set[str]) -> dict:
             "in_window_share": float(((g >= lo) & (g <= hi)).mean()) if len(g) else None,
             "in_window_count": int(((g >= lo) & (g <= hi)).sum()),
             "mean_gap": float(g.mean()) if len(g) else None,
+            "mae_to_target": (
+                float(np.abs(g - target).mean()) if len(g) and target is not None else None
+            ),
+            "within_tolerance_share": (
+                float((np.abs(g - target) <= GAP_TOLERANCE).mean())
+                if len(g) and target is not None
+                else None
+            ),
         },
         "predicted": {
             "mean": float(np.nanmean(pred)) if len(pred) else None,
@@ -199,7 +211,7 @@ def main(argv=None) -> int:
         crystals = gen.sample(key, args.n, conditions=cond)
         t1 = time.perf_counter()
         gaps = lookup_gaps(crystals, index)
-        r = summarize(crystals, gaps, train_ids)
+        r = summarize(crystals, gaps, train_ids, args.target)
         r["sample_s"], r["lookup_s"] = t1 - t0, time.perf_counter() - t1
         r["gaps"] = [h[0] for h in gaps if h is not None]
         results[name] = r

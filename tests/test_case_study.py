@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
+import pytest
 
 from autoperi_jax.crystal import Crystal
 from eval.case_study_solar import WINDOW, lookup_gaps, summarize
@@ -32,3 +33,8 @@ def test_lookup_and_summary(perov_test):
     assert s["dft_lookup"]["in_window_count"] == n_in
     assert s["known_share"] == 1.0 and s["novel_vs_perov5"] == 0.0
     assert s["novel_vs_train"] == 1 - 1 / 12
+    # against a target: the invented gaps are 1.10 + 0.05 i, i = 0..11
+    s = summarize(crystals, got[:12], train_index_ids=set(), target=1.42)
+    g = 1.1 + 0.05 * np.arange(12)
+    assert s["dft_lookup"]["mae_to_target"] == pytest.approx(np.abs(g - 1.42).mean())
+    assert s["dft_lookup"]["within_tolerance_share"] == np.mean(np.abs(g - 1.42) <= 0.2) == 8 / 12
