@@ -262,11 +262,20 @@ def _evaluate_gen(samples, reference, opts, train, workers, cache_dir, use_cache
                 details["reference_fingerprint_failed"] = [
                     reference.names[i] for i in np.flatnonzero(~ref_fp_ok)
                 ]
-            cov = M.coverage(
+            cov, near_s, near_c = M.coverage(
                 s_sfp, s_cfp, r_sfp[ref_fp_ok], r_cfp[ref_fp_ok], opts.struct_cutoff,
                 opts.comp_cutoff, sample_ok=fp_ok, num_generated=len(samples),
+                return_nearest=True,
             )  # fmt: skip
             metrics.update(cov)
+            # the reference crystals no sample covers, with how far the nearest ones are
+            names = [reference.names[i] for i in np.flatnonzero(ref_fp_ok)]
+            miss = np.flatnonzero((near_s > opts.struct_cutoff) | (near_c > opts.comp_cutoff))
+            details["cov_recall_misses"] = [
+                {"name": names[i], "struct_distance": float(near_s[i]),
+                 "comp_distance": float(near_c[i])}
+                for i in miss
+            ]  # fmt: skip
         else:
             details["coverage_note"] = (
                 "coverage skipped: no cut-offs (pass --dataset-name mp_20|perov_5|carbon_24 or "

@@ -428,7 +428,8 @@ def coverage(
     comp_cutoff: float,
     sample_ok: np.ndarray | None = None,
     num_generated: int | None = None,
-) -> dict[str, float]:
+    return_nearest: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], np.ndarray, np.ndarray]:
     """COV-R / COV-P: CDVAE ``eval_utils.compute_cov`` (called by ``GenEval.get_coverage``).
 
     Rule: structure distances are Euclidean distances between CrystalNN fingerprints;
@@ -454,12 +455,15 @@ def coverage(
       struct_cutoff, comp_cutoff: `COV_CUTOFFS` of the dataset.
       sample_ok: [n_gen] generated crystals whose fingerprints exist (default: all).
       num_generated: denominator of COV-P (default: n_gen).
+      return_nearest: also return each reference crystal's nearest generated structure
+        and composition distances ([n_ref] each; recall misses are those beyond a cut-off).
 
     Returns:
       cov_recall, cov_precision, amsd_recall, amsd_precision, amcd_recall, amcd_precision,
       and the precision misses by cause: ``cov_precision_miss_struct_only`` /
       ``_comp_only`` / ``_both`` (shares of ``num_generated`` beyond the structure cut-off
-      only, the composition cut-off only, or both).
+      only, the composition cut-off only, or both); with ``return_nearest``, the tuple
+      (that dict, [n_ref] structure distances, [n_ref] composition distances).
     """
     n_gen = len(sample_struct_fps)
     ok = np.ones(n_gen, bool) if sample_ok is None else np.asarray(sample_ok, bool)
@@ -482,7 +486,7 @@ def coverage(
     def share_of_generated(hits):
         return float(hits.sum() / num_generated) if num_generated else 0.0
 
-    return {
+    out = {
         "cov_recall": float(recall_hits.mean()) if len(recall_hits) else 0.0,
         "cov_precision": share_of_generated(precision_hits),
         # why generated crystals miss, as shares of num_generated (they add up with
@@ -495,6 +499,7 @@ def coverage(
         "amcd_recall": mean(c_rec),
         "amcd_precision": mean(c_prec),
     }
+    return (out, s_rec, c_rec) if return_nearest else out
 
 
 def fingerprint_diversity(fps: np.ndarray) -> float:

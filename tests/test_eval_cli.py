@@ -53,6 +53,7 @@ def test_gen_writes_metrics_report_and_plots(files, capsys):
     assert m["n_samples"] == N_REF + 1
     assert m["struct_validity"] == pytest.approx(N_REF / (N_REF + 1))
     assert m["cov_recall"] == 1.0
+    assert payload["details"]["cov_recall_misses"] == []
     assert m["cov_precision"] == pytest.approx(N_REF / (N_REF + 1))  # COV-P over ALL samples
     assert m["novelty"] == 0.0
     assert m["time_per_valid_structure_s"] == pytest.approx(82 / m["n_valid"])

@@ -287,6 +287,11 @@ def test_coverage_known_answer():
     assert cov["cov_recall"] == pytest.approx(1 / 3)  # only ref 0 has a sample within 0.2
     assert cov["cov_precision"] == pytest.approx(2 / 4)
     assert cov["amsd_recall"] == pytest.approx(np.mean([0.0, 0.5, 0.5]))
+    again, near_s, near_c = M.coverage(ss, sc, rs, rc, 0.2, 4.0, sample_ok=ok, num_generated=4,
+                                       return_nearest=True)  # fmt: skip
+    assert again == cov
+    np.testing.assert_allclose(near_s, [0.0, 0.5, 0.5])  # refs 1, 2: the recall misses
+    np.testing.assert_allclose(near_c, 0.0, atol=1e-12)
     # Composition distances are taken separately: moving sample 0's composition 10 standard
     # deviations away in every feature loses its precision hit, but ref 0 keeps its recall
     # (its nearest composition is another sample's).
