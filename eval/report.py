@@ -318,6 +318,21 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
     out += ["## All metrics", ""]
     out += _table(main_rows + extra_rows, m, {}, with_published=False, n_draw=opts["n_draw"])
     out.append("")
+    misses = payload["details"].get("cov_recall_misses")
+    if misses is not None:
+        if misses:
+            shown = ", ".join(
+                f"{x['name']} ({x['struct_distance']:.3f} / {x['comp_distance']:.2f})"
+                for x in misses[:30]
+            )
+            out.append(
+                f"Reference crystals no sample covers ({len(misses)}; nearest structure / "
+                f"composition distance, cut-offs {opts.get('struct_cutoff')} / "
+                f"{opts.get('comp_cutoff')}): {shown}" + (" ..." if len(misses) > 30 else "")
+            )
+        else:
+            out.append("Every reference crystal is covered by some sample (COV-R).")
+        out.append("")
     if task == "recon":
         for key, title_ in (("lattice_mae", "all pairs"), ("lattice_mae_matched", "matched")):
             lm = m.get(key) or {}

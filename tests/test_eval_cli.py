@@ -69,6 +69,14 @@ def test_gen_writes_metrics_report_and_plots(files, capsys):
     report = (out / "report.md").read_text()
     assert "| Metric | autoperi-jax | CDVAE | DiffCSP | FlowMM |" in report
     assert "| COV-R (%) | 100.00 | 99.45 | 99.74 |" in report
+    assert "Every reference crystal is covered by some sample" in report
+    from eval.report import render_markdown
+
+    payload["details"]["cov_recall_misses"] = [
+        {"name": "mp-1", "struct_distance": 0.25, "comp_distance": 1.5}
+    ]
+    assert "no sample covers (1; nearest structure / composition distance, cut-offs 0.2 / " \
+        "4.0): mp-1 (0.250 / 1.50)" in render_markdown(payload, [])  # fmt: skip
     for name in ("density", "property", "lattice", "spacegroups", "atoms_per_cell", "structures"):
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000, name
