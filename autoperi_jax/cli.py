@@ -150,10 +150,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _initialize_distributed_first(argv: Sequence[str] | None) -> None:
+    """``autoperi train`` on several hosts: `jax.distributed.initialize` must come before any
+    JAX computation, and building the parser imports jax-md (through the eval plugin),
+    which computes at import time. So the multi-host flags (or AUTOPERI_* / JAX_* variables,
+    see `train.parallel.maybe_initialize_distributed`) are read before the parser."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "train":
+        return
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--coordinator")
+    pre.add_argument("--num-processes", type=int)
+    pre.add_argument("--process-id", type=int)
+    flags, _ = pre.parse_known_args(argv[1:])
+    try:
+        from train.parallel import maybe_initialize_distributed
+    except ModuleNotFoundError:  # installed without the train/ plugin
+        return
+    maybe_initialize_distributed(flags.coordinator, flags.num_processes, flags.process_id)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from autoperi_jax.crystal import CrystalError
     from autoperi_jax.datasets import DatasetError
 
+    _initialize_distributed_first(argv)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

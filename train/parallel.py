@@ -42,6 +42,8 @@ def maybe_initialize_distributed(
     Returns:
       True if JAX was initialised for several processes.
     """
+    if jax.distributed.is_initialized():  # done earlier (autoperi_jax.cli, before the parser)
+        return True
     env = os.environ
     if env.get("AUTOPERI_DISTRIBUTED") == "auto":
         jax.distributed.initialize()
