@@ -55,3 +55,28 @@ def test_cli_collects_overrides():
     assert (multi.coordinator, multi.num_processes, multi.process_id) == ("10.0.0.1:1234", 4, 3)
     r = build_parser().parse_args(["reconstruct", "--workdir", "w", "--out", "o.extxyz"])
     assert r.split == "test" and r.out == "o.extxyz"
+
+
+def test_cli_initializes_distributed_before_the_parser_imports_jax_md(tmp_path):
+    """Building the CLI parser imports jax-md, which computes at import time; the multi-host
+    flags must take effect before that ("jax.distributed.initialize() must be called before
+    any JAX calls"). One process with a coordinator gets past the set-up and stops at the
+    missing config file. (The two-process training test is marked slow.)"""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    drop = ("AUTOPERI_COORDINATOR", "JAX_COORDINATOR_ADDRESS", "AUTOPERI_DISTRIBUTED")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    cmd = [sys.executable, "-m", "autoperi_jax.cli", "train", "--config", str(tmp_path / "no.py"),
+           "--workdir", str(tmp_path / "w"), "--coordinator", f"127.0.0.1:{port}",
+           "--num-processes", "1", "--process-id", "0"]  # fmt: skip
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert "must be called before" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode != 0 and "no.py" in proc.stderr, proc.stderr[-2000:]
