@@ -36,10 +36,11 @@ def _write(df: pd.DataFrame, path) -> str:
     return str(path)
 
 
-def test_bundled_perov5_is_byte_identical_to_the_published_csv():
+def test_bundled_perov5_is_byte_identical_to_the_published_csv(monkeypatch):
     import hashlib
     import lzma
 
+    monkeypatch.delenv("AUTOPERI_DATA", raising=False)  # the bundled copy, not a local one
     want = {  # ../shared/data/SOURCES.md
         "train": "6144a97ead4828a781a1c269c56fedc34b65945977c6433a055a720c47bf77f6",
         "val": "efb9c832756439747f093e03a35daf073fcc9a5fc43a8a5292addee2f3d7ce90",
