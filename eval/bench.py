@@ -265,5 +265,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset")
     p.add_argument("--nfe", type=int, default=5, help="decoder Euler steps per sample")
     p.add_argument("--quick", action="store_true", help="fewer repeats and settings")
-    p.set_defaults(func=run)
+    # compilations are part of what it measures: no persistent compilation cache
+    p.set_defaults(func=run, xla_cache=False)
     return p

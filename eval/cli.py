@@ -44,7 +44,7 @@ outputs (in --out):
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Adds the ``eval`` sub-command to the root parser's ``subparsers``."""
-    from eval.metrics import CDVAE_MATCHER, NOVELTY_MATCHER
+    from eval.protocol import CDVAE_MATCHER, NOVELTY_MATCHER
 
     p = subparsers.add_parser(
         "eval",

@@ -37,6 +37,7 @@ from autoperi_jax.crystal import Crystal
 from autoperi_jax.physics import smact_tables
 from eval.fingerprints import cdvae_comp_scale
 from eval.parallel import parallel_map
+from eval.protocol import CDVAE_MATCHER, COV_CUTOFFS, NOVELTY_MATCHER
 
 __all__ = [
     "CDVAE_MATCHER",
@@ -65,18 +66,6 @@ __all__ = [
     "uniqueness",
     "validity_rates",
 ]
-
-#: CDVAE's reconstruction matcher (compute_metrics.py ``RecEval``).
-CDVAE_MATCHER: dict[str, float] = {"stol": 0.5, "angle_tol": 10.0, "ltol": 0.3}
-#: pymatgen's default ``StructureMatcher`` tolerances, the usual choice for uniqueness and
-#: novelty (DiffCSP / FlowMM / MatterGen); an option everywhere it is used.
-NOVELTY_MATCHER: dict[str, float] = {"stol": 0.3, "angle_tol": 5.0, "ltol": 0.2}
-#: Coverage cut-offs (structure, composition) from CDVAE compute_metrics.py ``COV_Cutoffs``.
-COV_CUTOFFS: dict[str, tuple[float, float]] = {
-    "mp_20": (0.4, 10.0),
-    "perov_5": (0.2, 4.0),
-    "carbon_24": (0.2, 4.0),
-}
 
 
 # ============================================================================ validity

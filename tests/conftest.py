@@ -1,4 +1,6 @@
-"""Shared fixtures. Tests never touch the user's cache: AUTOPERI_CACHE points at a temp dir."""
+"""Shared fixtures. Tests never touch the user's cache: AUTOPERI_CACHE points at a temp dir,
+and the CLI's persistent compilation cache is off (AUTOPERI_XLA_CACHE=off: each test compiles
+what it runs, as before; tests/test_cli.py checks the cache in processes of its own)."""
 
 from __future__ import annotations
 
@@ -13,13 +15,18 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    old = os.environ.get("AUTOPERI_CACHE")
-    os.environ["AUTOPERI_CACHE"] = str(tmp_path_factory.mktemp("autoperi_cache"))
+    new = {
+        "AUTOPERI_CACHE": str(tmp_path_factory.mktemp("autoperi_cache")),
+        "AUTOPERI_XLA_CACHE": "off",
+    }
+    old = {k: os.environ.get(k) for k in new}
+    os.environ.update(new)
     yield
-    if old is None:
-        os.environ.pop("AUTOPERI_CACHE", None)
-    else:
-        os.environ["AUTOPERI_CACHE"] = old
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

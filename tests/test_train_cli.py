@@ -57,11 +57,12 @@ def test_cli_collects_overrides():
     assert r.split == "test" and r.out == "o.extxyz"
 
 
-def test_cli_initializes_distributed_before_the_parser_imports_jax_md(tmp_path):
-    """Building the CLI parser imports jax-md, which computes at import time; the multi-host
-    flags must take effect before that ("jax.distributed.initialize() must be called before
-    any JAX calls"). One process with a coordinator gets past the set-up and stops at the
-    missing config file. (The two-process training test is marked slow.)"""
+def test_cli_initializes_distributed_before_any_jax_computation(tmp_path):
+    """The multi-host flags take effect before any import or JAX call of the commands can
+    compute (jax-md, imported by the eval plugin until eval.protocol, computes at import
+    time: "jax.distributed.initialize() must be called before any JAX calls"). One process
+    with a coordinator gets past the set-up and stops at the missing config file. (The
+    two-process training test is marked slow.)"""
     import os
     import socket
     import subprocess

@@ -63,6 +63,7 @@ from autoperi_jax.model import (
 )
 from autoperi_jax.nn import Autoencoder
 from autoperi_jax.sampling import SamplerSettings, decoding_settings
+from eval.protocol import CDVAE_MATCHER
 
 __all__ = [
     "Reconstruction",
@@ -81,8 +82,6 @@ __all__ = [
     "reconstruct_run",
     "train_and_evaluate",
 ]
-
-CDVAE_MATCHER = {"stol": 0.5, "angle_tol": 10.0, "ltol": 0.3}
 
 
 # ---------------------------------------------------------------------------- builders
