@@ -12,7 +12,6 @@ import importlib
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from autoperi_jax import __version__
 
@@ -177,8 +176,9 @@ def configure_compilation_cache(environ: Mapping[str, str] | None = None) -> str
     choice = env.get("AUTOPERI_XLA_CACHE", "")
     if choice.lower() in ("off", "0", "false", "no"):
         return None
-    root = env.get("AUTOPERI_CACHE") or str(Path.home() / ".cache" / "autoperi_jax")
-    folder = choice or os.path.join(root, "xla")
+    from autoperi_jax.datasets import cache_root
+
+    folder = choice or str(cache_root(env) / "xla")
     jax.config.update("jax_compilation_cache_dir", folder)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in env:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -25,7 +25,7 @@ import os
 import time
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ __all__ = [
     "DatasetError",
     "GraphDataset",
     "Rejection",
+    "cache_root",
     "load_crystals",
     "load_dataset",
     "resolve_dataset",
@@ -454,6 +455,14 @@ def _rows_from_structures(
 
 
 # ------------------------------------------------------------------------- public API
+def cache_root(environ: Mapping[str, str] | None = None) -> Path:
+    """The folder of autoperi's on-disk caches (graphs here, fingerprints in `eval`, compiled
+    programs in `autoperi_jax.cli`): ``$AUTOPERI_CACHE``, else ``~/.cache/autoperi_jax``.
+    ``environ``: the variables to read (default ``os.environ``)."""
+    env = os.environ if environ is None else environ
+    return Path(env.get("AUTOPERI_CACHE") or Path.home() / ".cache" / "autoperi_jax")
+
+
 def load_dataset(
     spec: str | os.PathLike,
     split: str | None = None,
@@ -522,11 +531,9 @@ def load_dataset(
         },
         sort_keys=True,
     )
-    cache_root = Path(
-        cache_dir or os.environ.get("AUTOPERI_CACHE") or Path.home() / ".cache" / "autoperi_jax"
-    )
+    folder = Path(cache_dir) if cache_dir else cache_root()
     # Named by content and settings only, so a copy of the same file elsewhere hits too.
-    cache_file = cache_root / f"graphs-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
+    cache_file = folder / f"graphs-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
     if use_cache and cache_file.exists():
         try:
             cached = GraphDataset.load(cache_file)

@@ -207,8 +207,9 @@ def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     ``~/.cache/autoperi_jax/eval_fingerprints``."""
     if cache_dir is not None:
         return Path(cache_dir)
-    root = os.environ.get("AUTOPERI_CACHE") or Path.home() / ".cache" / "autoperi_jax"
-    return Path(root) / "eval_fingerprints"
+    from autoperi_jax.datasets import cache_root
+
+    return cache_root() / "eval_fingerprints"
 
 
 class FingerprintCache:
