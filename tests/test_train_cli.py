@@ -57,25 +57,21 @@ def test_cli_collects_overrides():
     assert r.split == "test" and r.out == "o.extxyz"
 
 
-def test_cli_initializes_distributed_before_any_jax_computation(tmp_path):
+def test_cli_initializes_distributed_before_any_jax_computation(tmp_path, free_port):
     """The multi-host flags take effect before any import or JAX call of the commands can
     compute (jax-md, imported by the eval plugin until eval.protocol, computes at import
     time: "jax.distributed.initialize() must be called before any JAX calls"). One process
     with a coordinator gets past the set-up and stops at the missing config file. (The
     two-process training test is marked slow.)"""
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     drop = ("AUTOPERI_COORDINATOR", "JAX_COORDINATOR_ADDRESS", "AUTOPERI_DISTRIBUTED")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     cmd = [sys.executable, "-m", "autoperi_jax.cli", "train", "--config", str(tmp_path / "no.py"),
-           "--workdir", str(tmp_path / "w"), "--coordinator", f"127.0.0.1:{port}",
+           "--workdir", str(tmp_path / "w"), "--coordinator", f"127.0.0.1:{free_port}",
            "--num-processes", "1", "--process-id", "0"]  # fmt: skip
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)

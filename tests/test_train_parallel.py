@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -120,16 +119,10 @@ def test_four_devices_equal_one_device(setup, one_device):
     np.testing.assert_allclose(params, one_device[1], rtol=1e-4, atol=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_equal_one_process(setup, one_device):
+def test_two_processes_equal_one_process(setup, one_device, free_port):
     base, overrides = setup
     workdir = base / "two_processes"
-    addr = f"127.0.0.1:{_free_port()}"
+    addr = f"127.0.0.1:{free_port}"
     procs = []
     for i in range(2):
         flags = ["--coordinator", addr, "--num-processes", "2", "--process-id", str(i)]
