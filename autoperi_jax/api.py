@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from autoperi_jax.crystal import Crystal
+from autoperi_jax.distinct import DistinctFilter
 from autoperi_jax.flow import FlowConfig
 from autoperi_jax.model import ModelSettings, decoded_to_crystals, make_decode_fn, make_encode_fn
 from autoperi_jax.nn.autoencoder import Autoencoder
@@ -213,11 +215,29 @@ class Generator:
         spacegroup: int | None = None,
         batch_size: int = 256,
         temperature: float | None = None,
+        unique: bool = False,
+        max_batches: int | None = None,
     ) -> Iterator[list[Crystal]]:
-        """Yields the crystals of `sample` batch by batch (for writing as it goes)."""
-        n_batches = math.ceil(n / batch_size)
+        """Yields the crystals of `sample` batch by batch (for writing as it goes); with
+        ``unique`` each batch's crystals that duplicate an earlier one are left out (see
+        `sample`)."""
         conditions = {k: float(v) for k, v in (conditions or {}).items()}
-        for b in range(n_batches):
+        n_batches = math.ceil(n / batch_size)
+        if unique:
+            limit = 4 * n_batches + 4 if max_batches is None else max_batches
+            seen = DistinctFilter()
+        done = 0
+        b = 0
+        while done < n:
+            if unique and b >= limit:
+                warnings.warn(
+                    f"sample(unique=True): {done} distinct crystals of the {n} asked for after "
+                    f"{b} batches of {batch_size} ({seen.n_seen} drawn); returning those. The "
+                    "model has few distinct structures under these conditions: ask for fewer, "
+                    "raise the temperature, or pass a larger max_batches.",
+                    stacklevel=2,
+                )
+                return
             out = self.sample_fn(
                 self.params,
                 jax.random.fold_in(key, b),
@@ -226,8 +246,20 @@ class Generator:
                 None if spacegroup is None else int(spacegroup),
                 temperature,
             )
-            count = min(batch_size, n - b * batch_size)
-            yield outputs_to_crystals(out, start=b * batch_size, count=count)
+            b += 1
+            if not unique:
+                count = min(batch_size, n - done)
+                crystals = outputs_to_crystals(out, start=done, count=count)
+            else:
+                crystals = []
+                for c in outputs_to_crystals(out):
+                    if done + len(crystals) == n:
+                        break
+                    if seen.add(c):  # renamed in output order
+                        name = f"sample_{done + len(crystals):06d}"
+                        crystals.append(dataclasses.replace(c, name=name))
+            done += len(crystals)
+            yield crystals
 
     def sample(
         self,
@@ -237,6 +269,8 @@ class Generator:
         spacegroup: int | None = None,
         batch_size: int = 256,
         temperature: float | None = None,
+        unique: bool = False,
+        max_batches: int | None = None,
     ) -> list[Crystal]:
         """Draws ``n`` crystals.
 
@@ -247,13 +281,21 @@ class Generator:
           spacegroup: requested space group 1..230 (None = any).
           batch_size: crystals per compiled call.
           temperature: base-noise temperature (None = the sampler's).
+          unique: return n mutually distinct crystals: a drawn crystal that pymatgen's
+            ``StructureMatcher`` (default tolerances, within its reduced formula) matches
+            to an earlier kept one is dropped and batches are drawn until n are kept
+            (`autoperi_jax.distinct.DistinctFilter`, host side; ``sample_fn`` is
+            unchanged). The result is the draw-order list of first occurrences, so
+            uniqueness (`eval.metrics.uniqueness`) is 1 by construction.
+          max_batches: with ``unique``, stop after this many batches (default
+            ``4 ceil(n / batch_size) + 4``) with a warning and fewer than n crystals.
 
         Returns:
           ``n`` `Crystal` objects with the predicted properties in ``properties``.
         """
         out: list[Crystal] = []
         for crystals in self.sample_batches(
-            key, n, conditions, spacegroup, batch_size, temperature
+            key, n, conditions, spacegroup, batch_size, temperature, unique, max_batches
         ):
             out.extend(crystals)
         return out

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from autoperi_jax.crystal import Crystal
+from autoperi_jax.distinct import DistinctFilter, matcher, reduced_formula, safe_fit
 from autoperi_jax.physics import smact_tables
 from eval.fingerprints import cdvae_comp_scale
 from eval.parallel import parallel_map
@@ -152,15 +153,6 @@ def smact_validity(
         if not use_pauling_test or _pauling_ok(ox_states, enegs):
             return True
     return False
-
-
-def reduced_formula(c: Crystal) -> str:
-    """pymatgen's reduced formula of a crystal's composition (groups uniqueness / novelty)."""
-    from pymatgen.core import Composition
-    from pymatgen.core.periodic_table import Element
-
-    zs, counts = np.unique(c.numbers, return_counts=True)
-    return Composition({Element.from_Z(int(z)): int(n) for z, n in zip(zs, counts)}).reduced_formula
 
 
 def _as_structure(x):
@@ -582,38 +574,12 @@ def emd_report(
 
 
 # =================================================================== uniqueness/novelty
-def _matcher(tol: Mapping[str, float]):
-    from pymatgen.analysis.structure_matcher import StructureMatcher
-
-    return StructureMatcher(ltol=tol["ltol"], stol=tol["stol"], angle_tol=tol["angle_tol"])
-
-
-def _safe_fit(matcher, s1, s2) -> bool:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return bool(matcher.fit(s1, s2))
-    except Exception:
-        return False
-
-
-def _uniqueness_chunk(groups: list[tuple[list[int], list[Crystal], dict]]) -> list[list[int]]:
-    """Worker: greedy grouping of each list of same-formula structures."""
+def _uniqueness_chunk(groups: list[tuple[list[Crystal], str, dict]]) -> list[list[bool]]:
+    """Worker: `DistinctFilter` over each list of same-formula structures (first occurrences)."""
     out = []
-    for idx, crystals, tol in groups:
-        matcher = _matcher(tol)
-        reps: list[tuple[int, Any]] = []  # (group id, structure)
-        labels = []
-        for i, c in zip(idx, crystals):
-            s = c.to_pymatgen()
-            for gid, rs in reps:
-                if _safe_fit(matcher, s, rs):
-                    labels.append(gid)
-                    break
-            else:
-                reps.append((i, s))
-                labels.append(i)
-        out.append(labels)
+    for crystals, formula, tol in groups:
+        f = DistinctFilter(tol)
+        out.append([f.add(c, formula) for c in crystals])
     return out
 
 
@@ -630,7 +596,8 @@ def uniqueness(
     Rule: samples are grouped by reduced formula (structures of different reduced formula
     never match); within a group, in sample order, a sample joins the first earlier
     distinct structure that pymatgen ``StructureMatcher(**tolerances).fit`` matches, else
-    it starts a new one. ``uniqueness = n_distinct / n_considered``; the first occurrence
+    it starts a new one (`autoperi_jax.distinct.DistinctFilter`, which ``autoperi sample
+    --unique`` filters with). ``uniqueness = n_distinct / n_considered``; the first occurrence
     of each structure counts as unique, so k copies of one structure add 1 / k.
 
     Args:
@@ -649,19 +616,17 @@ def uniqueness(
     by_formula: dict[str, list[int]] = defaultdict(list)
     for i in np.flatnonzero(mask):
         by_formula[formulas[i]].append(int(i))
-    groups = [(idx, [crystals[i] for i in idx], dict(tolerances)) for idx in by_formula.values()]
-    singles = [g for g in groups if len(g[0]) == 1]
-    multi = [g for g in groups if len(g[0]) > 1]
-    labels = parallel_map(
-        _uniqueness_chunk, multi, workers=workers, chunk_size=8, desc="uniqueness",
+    multi = [(f, idx) for f, idx in by_formula.items() if len(idx) > 1]
+    firsts = parallel_map(
+        _uniqueness_chunk, [([crystals[i] for i in idx], f, dict(tolerances)) for f, idx in multi],
+        workers=workers, chunk_size=8, desc="uniqueness",
         progress=progress and bool(multi), unit="formula",
     )  # fmt: skip
     is_first = np.zeros(n, bool)
-    for g in singles:
-        is_first[g[0][0]] = True
-    for (idx, _, _), lab in zip(multi, labels):
-        for i, gid in zip(idx, lab):
-            is_first[i] = i == gid
+    for idx in by_formula.values():
+        is_first[idx[0]] = True  # the first of a formula is always distinct
+    for (_, idx), first in zip(multi, firsts):
+        is_first[idx] = first
     n_considered = int(mask.sum())
     n_unique = int(is_first.sum())
     return {
@@ -675,9 +640,9 @@ def uniqueness(
 def _novelty_chunk(items: list[tuple[Crystal, list[Crystal], dict]]) -> list[bool]:
     out = []
     for c, train, tol in items:
-        matcher = _matcher(tol)
+        m = matcher(tol)
         s = c.to_pymatgen()
-        out.append(not any(_safe_fit(matcher, s, t.to_pymatgen()) for t in train))
+        out.append(not any(safe_fit(m, s, t.to_pymatgen()) for t in train))
     return out
 
 
@@ -743,7 +708,7 @@ def _rms_chunk(items: list[tuple[Crystal, Crystal, dict]]) -> list[float | None]
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                r = _matcher(tol).get_rms_dist(pred.to_pymatgen(), ref.to_pymatgen())
+                r = matcher(tol).get_rms_dist(pred.to_pymatgen(), ref.to_pymatgen())
             out.append(None if r is None else float(r[0]))
         except Exception:  # CDVAE: an exception means no match
             out.append(None)

@@ -2,8 +2,8 @@
 
 The numbers in the README's "Shipped model" table are never typed by hand: `autoperi eval`
 writes ``metrics.json``; ``collect`` copies those files next to the shipped model
-(``autoperi_jax/pretrained/NAME/eval/{gen,recon,demo}.json``), ``table`` renders the
-Markdown table from them, and ``check`` (also run by tests/test_pretrained.py) fails when
+(``autoperi_jax/pretrained/NAME/eval/{gen,gen_unique,recon,demo}.json``), ``table`` renders
+the Markdown table from them, and ``check`` (also run by tests/test_pretrained.py) fails when
 the README's table differs from what the shipped ``metrics.json`` files say::
 
   python -m eval.model_card collect --gen runs/pre/eval_gen --recon runs/pre/eval_recon \\
@@ -48,9 +48,11 @@ RECON_ROWS = (
 )
 DEMO_ROWS = (*GEN_ROWS[:6], GEN_ROWS[7])  # no novelty: the demo evaluates without --train
 PUBLISHED = ("CDVAE", "DiffCSP")
-FILES = {"gen": GEN_ROWS, "recon": RECON_ROWS, "demo": DEMO_ROWS}
+FILES = {"gen": GEN_ROWS, "gen_unique": GEN_ROWS, "recon": RECON_ROWS, "demo": DEMO_ROWS}
 TITLES = {
     "gen": "Generation, 10,000 samples (seed 0) vs the 3,785 test crystals",
+    "gen_unique": "Generation with `--unique` (10,000 mutually distinct samples, seed 0) vs the "
+    "3,785 test crystals",
     "recon": "Reconstruction of the 3,785 test crystals",
     "demo": "`make demo`: 1,200 samples (seed 0) vs the test crystals",
 }
@@ -59,6 +61,11 @@ TITLES = {
 COMMANDS = {
     "gen": (
         "autoperi sample --pretrained perov_5 -n 10000 --seed 0 --out gen.extxyz",
+        "autoperi eval --task gen --samples gen.extxyz --reference perov_5:test "
+        "--train perov_5:train --out OUT",
+    ),
+    "gen_unique": (
+        "autoperi sample --pretrained perov_5 -n 10000 --seed 0 --unique --out gen.extxyz",
         "autoperi eval --task gen --samples gen.extxyz --reference perov_5:test "
         "--train perov_5:train --out OUT",
     ),

@@ -243,13 +243,18 @@ def test_reconstruction_counts_only_valid_predictions():
     assert strict["match_rate"] == 0.25
 
 
-def test_uniqueness_of_duplicates():
+def _with_duplicates() -> list[Crystal]:
+    """7 crystals, 4 distinct: first occurrences at 0, 2, 3 and 6."""
     a = perovskite(4.0)
     b = perovskite(4.0, species=(56, 22, 8, 8, 8))  # BaTiO3
     c = perovskite(4.0)  # same formula as a, Ti moved 1.2 A off centre: another structure
     c = c.replace(frac_coords=c.frac_coords + np.array([[0, 0, 0], [0, 0, 0.3], *[[0, 0, 0]] * 3]))
     d = rock_salt(5.6)
-    samples = [a, rotated_shifted(a, 1), b, c, rotated_shifted(c, 2), rotated_shifted(c, 3), d]
+    return [a, rotated_shifted(a, 1), b, c, rotated_shifted(c, 2), rotated_shifted(c, 3), d]
+
+
+def test_uniqueness_of_duplicates():
+    samples = _with_duplicates()
     formulas = M.compute_features(samples, workers=1, progress=False).formula
     u = M.uniqueness(samples, formulas, workers=1, progress=False)
     assert u["n_unique"] == 4 and u["n"] == 7
@@ -258,6 +263,21 @@ def test_uniqueness_of_duplicates():
     # Only the masked samples are considered.
     mask = np.array([True, True, False, False, False, False, False])
     assert M.uniqueness(samples, formulas, mask, workers=1, progress=False)["uniqueness"] == 0.5
+
+
+def test_distinct_filter_keeps_first_occurrences():
+    """The filter behind ``sample(unique=True)`` (and `uniqueness`) on the same cases."""
+    from autoperi_jax.distinct import DistinctFilter
+
+    f = DistinctFilter()
+    assert [f.add(c) for c in _with_duplicates()] == [True, False, True, True, False, False, True]
+    assert (f.n_seen, f.n_kept) == (7, 4)
+    # a 4 % uniaxial strain is within pymatgen's default ltol (0.2): the same structure; a
+    # tight matcher tells it apart
+    strained = perovskite(4.0).replace(cell=np.diag([4.0, 4.0, 4.16]))
+    assert not f.add(strained)
+    tight = DistinctFilter({"ltol": 0.01, "stol": 0.3, "angle_tol": 5.0})
+    assert tight.add(perovskite(4.0)) and tight.add(strained)
 
 
 def test_novelty_against_training_set():

@@ -67,6 +67,31 @@ def test_fixed_key_samples_are_valid_and_identical(gen):
     assert not all(np.array_equal(x.frac_coords, y.frac_coords) for x, y in zip(a, other))
 
 
+def test_unique_sampling_keeps_first_occurrences_in_draw_order(gen):
+    """``unique=True`` returns the draw-order first occurrences of the plain draws (same key,
+    same batches), pairwise distinct under pymatgen's default StructureMatcher (checked on
+    every pair here, not with the filter), renamed in output order; a batch budget that
+    cannot deliver n warns and returns what it has."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    key = jax.random.key(2)
+    plain = gen.sample(key, 48, batch_size=16)
+    sm = StructureMatcher()
+    ss = [c.to_pymatgen() for c in plain]
+    first = [i for i in range(len(ss)) if not any(sm.fit(ss[i], ss[j]) for j in range(i))]
+    assert len(first) < len(plain)  # this key draws a duplicate (crystal 11) in batch 0
+    n = min(len(first), 40)
+    uniq = gen.sample(key, n, batch_size=16, unique=True)
+    assert [c.name for c in uniq] == [f"sample_{i:06d}" for i in range(n)]
+    for c, i in zip(uniq, first):
+        np.testing.assert_array_equal(c.frac_coords, plain[i].frac_coords)
+        np.testing.assert_array_equal(c.numbers, plain[i].numbers)
+        assert c.properties == plain[i].properties
+    with pytest.warns(UserWarning, match="distinct crystals of the 20 asked for"):
+        short = gen.sample(key, 20, batch_size=16, unique=True, max_batches=1)
+    assert len(short) == sum(i < 16 for i in first)
+
+
 def test_samples_convert_to_ase_and_pymatgen(gen, tmp_path):
     from ase.io import read
     from pymatgen.core import Structure

@@ -306,12 +306,14 @@ def write_samples(
     batch_size: int = 256,
     temperature=None,
     progress: bool = True,
+    unique: bool = False,
 ) -> int:
     """Samples ``n`` crystals with a `autoperi_jax.api.Generator` and writes each finished
     batch at once: appended to an extxyz file (predicted properties in ``atoms.info``), or
     one CIF per crystal in a folder plus ``properties.csv``. An existing extxyz file is
     replaced; in a folder, earlier ``sample_*.cif`` files and ``properties.csv`` are
-    removed first. Returns the number written."""
+    removed first. ``unique``: only mutually distinct crystals (`Generator.sample`).
+    Returns the number written."""
     from tqdm import tqdm
 
     from autoperi_jax.crystal import write_structures
@@ -328,7 +330,9 @@ def write_samples(
         (out / "properties.csv").unlink(missing_ok=True)
     written = 0
     bar = tqdm(total=n, disable=not progress, desc="sample", unit="crystal")
-    batches = gen.sample_batches(key, n, conditions, spacegroup, batch_size, temperature)
+    batches = gen.sample_batches(
+        key, n, conditions, spacegroup, batch_size, temperature, unique=unique
+    )
     for crystals in batches:
         write_structures(crystals, out, append=True)
         if not is_file:
@@ -385,6 +389,7 @@ def _sample(args: argparse.Namespace) -> int:
         args.batch_size,
         args.temperature,
         not args.no_progress,
+        args.unique,
     )
     secs = time.perf_counter() - t0
     print(
@@ -491,6 +496,13 @@ def _register_generation(subparsers) -> None:
         action="store_true",
         help="one candidate per crystal, kept as drawn: no charge-balance or contact check, "
         "failed symmetrisations keep the decoded structure (the model without rejection)",
+    )
+    s.add_argument(
+        "--unique",
+        action="store_true",
+        help="write N mutually distinct crystals: a drawn crystal that pymatgen's "
+        "StructureMatcher (default tolerances) matches to an earlier one is dropped and "
+        "more batches are drawn (host side; uniqueness 1 by construction)",
     )
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_sample)
