@@ -220,7 +220,11 @@ class Generator:
     ) -> Iterator[list[Crystal]]:
         """Yields the crystals of `sample` batch by batch (for writing as it goes); with
         ``unique`` each batch's crystals that duplicate an earlier one are left out (see
-        `sample`)."""
+        `sample`), so a batch may yield fewer crystals than drawn, or none."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_batches is not None and not unique:
+            raise ValueError("max_batches limits unique=True sampling only")
         conditions = {k: float(v) for k, v in (conditions or {}).items()}
         n_batches = math.ceil(n / batch_size)
         if unique:
@@ -232,9 +236,10 @@ class Generator:
             if unique and b >= limit:
                 warnings.warn(
                     f"sample(unique=True): {done} distinct crystals of the {n} asked for after "
-                    f"{b} batches of {batch_size} ({seen.n_seen} drawn); returning those. The "
-                    "model has few distinct structures under these conditions: ask for fewer, "
-                    "raise the temperature, or pass a larger max_batches.",
+                    f"{b} batches of {batch_size} ({seen.n_seen} drawn); returning those. "
+                    "Pass a larger max_batches (--max-batches) or ask for fewer; if most draws "
+                    "were duplicates, the model has few distinct structures under these "
+                    "conditions (a higher temperature spreads it).",
                     stacklevel=2,
                 )
                 return
@@ -287,11 +292,12 @@ class Generator:
             (`autoperi_jax.distinct.DistinctFilter`, host side; ``sample_fn`` is
             unchanged). The result is the draw-order list of first occurrences, so
             uniqueness (`eval.metrics.uniqueness`) is 1 by construction.
-          max_batches: with ``unique``, stop after this many batches (default
+          max_batches: with ``unique`` only: stop after this many batches (default
             ``4 ceil(n / batch_size) + 4``) with a warning and fewer than n crystals.
 
         Returns:
-          ``n`` `Crystal` objects with the predicted properties in ``properties``.
+          ``n`` `Crystal` objects with the predicted properties in ``properties`` (fewer
+          only with ``unique`` when ``max_batches`` ran out first).
         """
         out: list[Crystal] = []
         for crystals in self.sample_batches(

@@ -22,7 +22,7 @@ import numpy as np
 
 from autoperi_jax.crystal import Crystal
 
-__all__ = ["DEFAULT_TOLERANCES", "DistinctFilter", "reduced_formula"]
+__all__ = ["DEFAULT_TOLERANCES", "DistinctFilter", "matcher", "reduced_formula", "safe_fit"]
 
 #: pymatgen's default ``StructureMatcher`` tolerances (= ``eval.protocol.NOVELTY_MATCHER``).
 DEFAULT_TOLERANCES: dict[str, float] = {"stol": 0.3, "angle_tol": 5.0, "ltol": 0.2}

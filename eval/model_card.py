@@ -7,7 +7,7 @@ the Markdown table from them, and ``check`` (also run by tests/test_pretrained.p
 the README's table differs from what the shipped ``metrics.json`` files say::
 
   python -m eval.model_card collect --gen runs/pre/eval_gen --recon runs/pre/eval_recon \\
-      --demo demo/report
+      --gen-unique runs/pre/eval_gen_unique --demo demo/report
   python -m eval.model_card table            # prints the Markdown block
   python -m eval.model_card check README.md  # exit 1 on a mismatch
   python -m eval.model_card write README.md  # replace the README block
@@ -67,7 +67,7 @@ COMMANDS = {
     "gen_unique": (
         "autoperi sample --pretrained perov_5 -n 10000 --seed 0 --unique --out gen.extxyz",
         "autoperi eval --task gen --samples gen.extxyz --reference perov_5:test "
-        "--train perov_5:train --out OUT",
+        "--train perov_5:train --no-plots --out OUT",
     ),
     "recon": (
         "autoperi reconstruct --pretrained perov_5 --split test --out recon.extxyz",
@@ -167,7 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("collect", help="copy autoperi eval output next to the shipped model")
     for kind in FILES:
-        c.add_argument(f"--{kind}", help=f"`autoperi eval` output folder ({TITLES[kind]})")
+        c.add_argument(
+            f"--{kind.replace('_', '-')}",
+            dest=kind,
+            help=f"`autoperi eval` output folder ({TITLES[kind]})",
+        )
     sub.add_parser("table", help="print the Markdown block")
     for cmd in ("check", "write"):
         sub.add_parser(cmd, help=f"{cmd} the README block").add_argument("readme")

@@ -67,18 +67,21 @@ def test_fixed_key_samples_are_valid_and_identical(gen):
     assert not all(np.array_equal(x.frac_coords, y.frac_coords) for x, y in zip(a, other))
 
 
-def test_unique_sampling_keeps_first_occurrences_in_draw_order(gen):
+def test_unique_sampling_keeps_first_occurrences_in_draw_order(gen, tmp_path):
     """``unique=True`` returns the draw-order first occurrences of the plain draws (same key,
-    same batches), pairwise distinct under pymatgen's default StructureMatcher (checked on
-    every pair here, not with the filter), renamed in output order; a batch budget that
-    cannot deliver n warns and returns what it has."""
+    same batches): the greedy rule re-done here with pymatgen's default StructureMatcher,
+    not with the filter; renamed in output order; a batch budget that cannot deliver n
+    warns and returns what it has."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
     key = jax.random.key(2)
     plain = gen.sample(key, 48, batch_size=16)
     sm = StructureMatcher()
     ss = [c.to_pymatgen() for c in plain]
-    first = [i for i in range(len(ss)) if not any(sm.fit(ss[i], ss[j]) for j in range(i))]
+    first: list[int] = []  # a draw is kept iff it matches no draw kept before it
+    for i in range(len(ss)):
+        if not any(sm.fit(ss[i], ss[j]) for j in first):
+            first.append(i)
     assert len(first) < len(plain)  # this key draws a duplicate (crystal 11) in batch 0
     n = min(len(first), 40)
     uniq = gen.sample(key, n, batch_size=16, unique=True)
@@ -90,6 +93,20 @@ def test_unique_sampling_keeps_first_occurrences_in_draw_order(gen):
     with pytest.warns(UserWarning, match="distinct crystals of the 20 asked for"):
         short = gen.sample(key, 20, batch_size=16, unique=True, max_batches=1)
     assert len(short) == sum(i < 16 for i in first)
+    # the CLI's writer keeps what it found (ASE reads the file back)
+    from ase.io import read
+
+    from train.cli import write_samples
+
+    out = tmp_path / "u.extxyz"
+    with pytest.warns(UserWarning, match="distinct crystals"):
+        written = write_samples(gen, key, 20, out, batch_size=16, progress=False, unique=True,
+                                max_batches=1)  # fmt: skip
+    assert written == len(short) == len(read(out, ":"))
+    with pytest.raises(ValueError, match="unique=True sampling only"):
+        gen.sample(key, 4, batch_size=16, max_batches=1)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        gen.sample(key, 4, batch_size=0)
 
 
 def test_samples_convert_to_ase_and_pymatgen(gen, tmp_path):

@@ -307,13 +307,14 @@ def write_samples(
     temperature=None,
     progress: bool = True,
     unique: bool = False,
+    max_batches: int | None = None,
 ) -> int:
     """Samples ``n`` crystals with a `autoperi_jax.api.Generator` and writes each finished
     batch at once: appended to an extxyz file (predicted properties in ``atoms.info``), or
     one CIF per crystal in a folder plus ``properties.csv``. An existing extxyz file is
     replaced; in a folder, earlier ``sample_*.cif`` files and ``properties.csv`` are
-    removed first. ``unique``: only mutually distinct crystals (`Generator.sample`).
-    Returns the number written."""
+    removed first. ``unique`` / ``max_batches``: only mutually distinct crystals, fewer
+    than n if the batches run out (`Generator.sample`). Returns the number written."""
     from tqdm import tqdm
 
     from autoperi_jax.crystal import write_structures
@@ -331,7 +332,7 @@ def write_samples(
     written = 0
     bar = tqdm(total=n, disable=not progress, desc="sample", unit="crystal")
     batches = gen.sample_batches(
-        key, n, conditions, spacegroup, batch_size, temperature, unique=unique
+        key, n, conditions, spacegroup, batch_size, temperature, unique, max_batches
     )
     for crystals in batches:
         write_structures(crystals, out, append=True)
@@ -390,10 +391,12 @@ def _sample(args: argparse.Namespace) -> int:
         args.temperature,
         not args.no_progress,
         args.unique,
+        args.max_batches,
     )
     secs = time.perf_counter() - t0
+    asked = "" if n == args.n else f" (of the {args.n} asked for: see the warning above)"
     print(
-        f"wrote {n} crystals to {args.out} in {secs:.1f} s ({n / secs:.1f}/s, "
+        f"wrote {n} crystals{asked} to {args.out} in {secs:.1f} s ({n / secs:.1f}/s, "
         f"{gen.nfe} decoder evaluations per decoded candidate)"
     )
     return 0
@@ -502,7 +505,15 @@ def _register_generation(subparsers) -> None:
         action="store_true",
         help="write N mutually distinct crystals: a drawn crystal that pymatgen's "
         "StructureMatcher (default tolerances) matches to an earlier one is dropped and "
-        "more batches are drawn (host side; uniqueness 1 by construction)",
+        "more batches are drawn (host side; uniqueness 1 by construction), at most "
+        "--max-batches of them",
+    )
+    s.add_argument(
+        "--max-batches",
+        type=int,
+        default=None,
+        help="with --unique: stop after this many batches and keep the distinct crystals "
+        "found so far (default 4 ceil(N / batch size) + 4)",
     )
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_sample)
