@@ -225,6 +225,8 @@ class Generator:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_batches is not None and not unique:
             raise ValueError("max_batches limits unique=True sampling only")
+        if max_batches is not None and max_batches < 1:
+            raise ValueError(f"max_batches must be >= 1, got {max_batches}")
         conditions = {k: float(v) for k, v in (conditions or {}).items()}
         n_batches = math.ceil(n / batch_size)
         if unique:

@@ -218,6 +218,10 @@ def test_cli_sample_pretrained(tmp_path):
     assert r.returncode == 0, r.stderr
     assert len(read(tmp_path / "raw.extxyz", ":")) == 5
 
+    before = out.read_bytes()
+    r = _cli(*args, "--out", str(out), "--max-batches", "2", cwd=ROOT)
+    assert r.returncode == 2 and "add --unique" in r.stderr
+    assert out.read_bytes() == before  # nothing written is lost
     r = _cli(*args, "--out", str(out), "--condition", "band_gap=1", cwd=ROOT)
     assert r.returncode == 2 and "conditioned on heat_ref, dir_gap only" in r.stderr
     r = _cli("sample", "--pretrained", "nope", "-n", "1", "--out", str(out), cwd=ROOT)

@@ -358,6 +358,8 @@ def _sample(args: argparse.Namespace) -> int:
 
     from autoperi_jax.api import load
 
+    if args.max_batches is not None and not args.unique:
+        raise ValueError("--max-batches limits --unique sampling only: add --unique")
     overrides: dict[str, Any] = {}
     if args.num_steps is not None:
         overrides["num_steps"] = args.num_steps
