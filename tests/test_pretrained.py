@@ -218,16 +218,28 @@ def test_cli_sample_pretrained(tmp_path):
     assert r.returncode == 0, r.stderr
     assert len(read(tmp_path / "raw.extxyz", ":")) == 5
 
-    before = out.read_bytes()
-    r = _cli(*args, "--out", str(out), "--max-batches", "2", cwd=ROOT)
-    assert r.returncode == 2 and "add --unique" in r.stderr
-    assert out.read_bytes() == before  # nothing written is lost
-    r = _cli(*args, "--out", str(out), "--condition", "band_gap=1", cwd=ROOT)
-    assert r.returncode == 2 and "conditioned on heat_ref, dir_gap only" in r.stderr
-    r = _cli("sample", "--pretrained", "nope", "-n", "1", "--out", str(out), cwd=ROOT)
-    assert r.returncode == 2 and "perov_5" in r.stderr
-    r = _cli(*args, "--workdir", "runs/x", "--out", str(out), cwd=ROOT)
-    assert r.returncode == 2 and "not allowed with argument" in r.stderr
+
+def test_cli_sample_refuses_bad_options(tmp_path, capsys, monkeypatch):
+    """Bad options exit 2 with one line naming the problem, before anything is written
+    (in-process: the same ``main`` the console script runs, without an interpreter start)."""
+    from autoperi_jax.cli import main
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "s.extxyz"
+    out.write_text("kept")
+    args = ["sample", "--pretrained", "perov_5", "-n", "5", "--batch-size", "8", "--out", str(out)]
+    for extra, message in [
+        (["--max-batches", "2"], "add --unique"),
+        (["--condition", "band_gap=1"], "conditioned on heat_ref, dir_gap only"),
+    ]:
+        assert main([*args, *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["sample", "--pretrained", "nope", "-n", "1", "--out", str(out)]) == 2
+    assert "perov_5" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--workdir", "runs/x"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert out.read_text() == "kept"  # nothing written is lost
 
 
 @pytest.mark.slow
