@@ -267,8 +267,9 @@ def test_uniqueness_of_duplicates():
 
 def test_distinct_filter_keeps_first_occurrences():
     """The filter behind ``sample(unique=True)`` (and `uniqueness`) on the same cases."""
-    from autoperi_jax.distinct import DistinctFilter
+    from autoperi_jax.distinct import DEFAULT_TOLERANCES, DistinctFilter
 
+    assert DEFAULT_TOLERANCES == M.NOVELTY_MATCHER  # the sampler dedups as eval counts
     f = DistinctFilter()
     assert [f.add(c) for c in _with_duplicates()] == [True, False, True, True, False, False, True]
     assert (f.n_seen, f.n_kept) == (7, 4)
