@@ -104,6 +104,11 @@ def encode_graphs(
     return np.concatenate(out)
 
 
+def sample_name(i: int, prefix: str = "sample") -> str:
+    """Name of the i-th crystal of a sampling run: ``{prefix}_{i:06d}``."""
+    return f"{prefix}_{i:06d}"
+
+
 def outputs_to_crystals(
     out: Mapping[str, Any], start: int = 0, count: int | None = None, prefix: str = "sample"
 ) -> list[Crystal]:
@@ -112,7 +117,7 @@ def outputs_to_crystals(
     Predicted properties go to ``Crystal.properties`` (so extxyz files carry them in
     ``atoms.info`` for ``autoperi eval --property``), with ``spacegroup_requested`` and
     ``symmetrized`` (1 / 0) when a group was requested; crystal i is named
-    ``{prefix}_{start + i:06d}``. Non-finite numbers (never expected) become a degenerate
+    ``sample_name(start + i, prefix)``. Non-finite numbers (never expected) become a degenerate
     but readable structure that every validity check rejects.
 
     Args:
@@ -126,7 +131,7 @@ def outputs_to_crystals(
     d["frac"] = np.nan_to_num(d["frac"])
     bad = ~np.isfinite(d["cell"]).all((1, 2)) | (np.linalg.det(d["cell"]) <= 1e-6)
     d["cell"] = np.where(bad[:, None, None], np.eye(3), d["cell"])
-    names = [f"{prefix}_{start + i:06d}" for i in range(n)]
+    names = [sample_name(start + i, prefix) for i in range(n)]
     crystals = decoded_to_crystals(d, np.arange(d["cell"].shape[0]) < n, names)
     props = d.get("properties", {})
     for i, c in enumerate(crystals):
@@ -218,19 +223,35 @@ class Generator:
         unique: bool = False,
         max_batches: int | None = None,
     ) -> Iterator[list[Crystal]]:
-        """Yields the crystals of `sample` batch by batch (for writing as it goes); with
-        ``unique`` each batch's crystals that duplicate an earlier one are left out (see
-        `sample`), so a batch may yield fewer crystals than drawn, or none."""
+        """Iterator over the crystals of `sample` batch by batch (for writing as it goes);
+        with ``unique`` each batch's crystals that duplicate an earlier one are left out
+        (see `sample`), so a batch may yield fewer crystals than drawn, or none. Bad
+        arguments raise here, before the first batch is asked for."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_batches is not None and not unique:
             raise ValueError("max_batches limits unique=True sampling only")
         if max_batches is not None and max_batches < 1:
             raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+        if unique and max_batches is None:
+            max_batches = 4 * math.ceil(n / batch_size) + 4
         conditions = {k: float(v) for k, v in (conditions or {}).items()}
-        n_batches = math.ceil(n / batch_size)
+        return self._batches(key, n, conditions, spacegroup, batch_size, temperature, max_batches)
+
+    def _batches(
+        self,
+        key: jax.Array,
+        n: int,
+        conditions: dict[str, float],
+        spacegroup: int | None,
+        batch_size: int,
+        temperature: float | None,
+        limit: int | None,
+    ) -> Iterator[list[Crystal]]:
+        """`sample_batches`' generator (arguments checked); ``limit``: the batch budget of
+        unique sampling, None = plain sampling."""
+        unique = limit is not None
         if unique:
-            limit = 4 * n_batches + 4 if max_batches is None else max_batches
             seen = DistinctFilter()
         done = 0
         b = 0
@@ -263,8 +284,7 @@ class Generator:
                     if done + len(crystals) == n:
                         break
                     if seen.add(c):  # renamed in output order
-                        name = f"sample_{done + len(crystals):06d}"
-                        crystals.append(dataclasses.replace(c, name=name))
+                        crystals.append(c.replace(name=sample_name(done + len(crystals))))
             done += len(crystals)
             yield crystals
 

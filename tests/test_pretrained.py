@@ -231,6 +231,7 @@ def test_cli_sample_refuses_bad_options(tmp_path, capsys, monkeypatch):
     for extra, message in [
         (["--max-batches", "2"], "add --unique"),
         (["--condition", "band_gap=1"], "conditioned on heat_ref, dir_gap only"),
+        (["--batch-size", "0"], "batch_size must be >= 1"),  # checked by the sampler itself
     ]:
         assert main([*args, *extra]) == 2
         assert message in capsys.readouterr().err

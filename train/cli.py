@@ -319,6 +319,10 @@ def write_samples(
 
     from autoperi_jax.crystal import write_structures
 
+    # arguments checked before the output is touched: a bad one loses nothing written
+    batches = gen.sample_batches(
+        key, n, conditions, spacegroup, batch_size, temperature, unique, max_batches
+    )
     out = Path(out)
     is_file = out.suffix in (".xyz", ".extxyz")
     if is_file:
@@ -331,9 +335,6 @@ def write_samples(
         (out / "properties.csv").unlink(missing_ok=True)
     written = 0
     bar = tqdm(total=n, disable=not progress, desc="sample", unit="crystal")
-    batches = gen.sample_batches(
-        key, n, conditions, spacegroup, batch_size, temperature, unique, max_batches
-    )
     for crystals in batches:
         write_structures(crystals, out, append=True)
         if not is_file:
