@@ -34,11 +34,16 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# The tests read the benchmark splits by path and never download: AUTOPERI_DATA (default
+# the shared data folder beside the checkout), AUTOPERI_OFFLINE=1.
+TEST_DATA ?= $(abspath ../shared/data)
+TEST_ENV = AUTOPERI_DATA="$${AUTOPERI_DATA:-$(TEST_DATA)}" AUTOPERI_OFFLINE=1
+
 test: lint
-	$(BIN)/python -m pytest -n 2 -m "not slow" -q
+	$(TEST_ENV) $(BIN)/python -m pytest -n 2 -m "not slow" -q
 
 test-slow: setup
-	$(BIN)/python -m pytest -m slow -q
+	$(TEST_ENV) $(BIN)/python -m pytest -m slow -q
 
 bench: setup
 	$(BIN)/autoperi bench --pretrained perov_5 --out bench/bench.json

@@ -19,7 +19,7 @@ from autoperi_jax import __version__
 PLUGINS = ("train.cli", "eval.cli")
 
 EPILOG = """examples:
-  autoperi data info perov_5                 # the bundled Perov-5 training split
+  autoperi data info perov_5                 # the Perov-5 training split (fetched once)
   autoperi data info perov_5:test --cutoff 6
   autoperi data info my_structures.extxyz
   autoperi data info mp_20 --data-dir ~/data # after downloading MP-20 (see README)

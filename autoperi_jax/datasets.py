@@ -2,16 +2,32 @@
 
 A dataset is named by a spec:
 
-* ``perov_5``, ``mp_20``, ``carbon_24``, ``mpts_52`` (optionally ``NAME:SPLIT``, split one of
-  train / val / test), looked up in ``--data-dir`` / ``$AUTOPERI_DATA`` as
-  ``DIR/NAME/SPLIT.csv`` (``.csv.gz`` / ``.csv.xz`` too). Perov-5 ships with the package
-  (``autoperi_jax/data/perov_5``, see its SOURCES.md), so it needs no download.
+* ``perov_5``, ``mp_20``, ``carbon_24``, ``mpts_52``, optionally ``NAME:SPLIT`` with split one
+  of train / val / test (default train). No benchmark data ships with the package: a split is
+  looked for, in this order, in
+
+  1. ``--data-dir`` (``data_dir``) as ``DIR/NAME/SPLIT.csv`` (``.csv.gz`` / ``.csv.xz`` too),
+  2. ``$AUTOPERI_DATA`` (same layout),
+  3. the cache, ``cache_root() / "datasets" / NAME / SPLIT.csv``,
+  4. otherwise it is downloaded once from its public source (`DATASET_FILES`: the CDVAE /
+     DiffCSP repositories' raw files at a pinned commit, or ``$AUTOPERI_DATA_MIRROR/NAME/
+     SPLIT.csv``), with a progress bar, checked against its published size and SHA-256, and
+     stored in the cache (`autoperi_jax.download`). ``$AUTOPERI_OFFLINE=1`` forbids the
+     download; offline or on a mismatch the error names the file, where to get it and where
+     to put it, and no partial file is left.
+
+  ``mp_20:train_partial`` and ``mpts_52:train_partial`` are parts of those train splits that
+  some local copies hold (`LOCAL_SPLITS`); they are found by steps 1-3 only and are never
+  taken for the full split.
 * a path: a CSV with a ``cif`` column (CDVAE or DiffCSP format; numeric columns become
   properties), a folder of ``*.cif`` files, or any file ASE reads (extxyz, POSCAR, ``.db``).
 
 `load_dataset` parses every structure on all cores (progress bar), validates it, builds its
 periodic graph (`autoperi_jax.graph`) and caches the result on disk as a numpy ``.npz``
 (never pickle) keyed by the input file's SHA-256 and every setting that changes the output.
+
+To add a benchmark: an entry in `DATASETS` (its property and where it is published) and one
+`DatasetFile` per split in `DATASET_FILES`.
 """
 
 from __future__ import annotations
@@ -32,45 +48,148 @@ from typing import Any
 import numpy as np
 
 from autoperi_jax.crystal import Crystal, CrystalError, read_structures
+from autoperi_jax.download import DownloadError, fetch, sha256_file
 from autoperi_jax.graph import CrystalGraph, GraphSettings, crystal_to_graph
 
 __all__ = [
     "DATASETS",
+    "DATASET_FILES",
+    "LOCAL_SPLITS",
     "DatasetError",
+    "DatasetFile",
     "GraphDataset",
     "Rejection",
     "cache_root",
+    "dataset_cache_dir",
     "load_crystals",
     "load_dataset",
     "resolve_dataset",
 ]
 
 CACHE_VERSION = 1
-BUNDLED_DIR = Path(__file__).parent / "data"
 SPLITS = ("train", "val", "test")
 
 DATASETS: dict[str, dict[str, str]] = {
     "perov_5": {
         "property": "heat_ref",
-        "source": "bundled with autoperi-jax (autoperi_jax/data/perov_5); also "
-        "https://github.com/txie-93/cdvae/tree/main/data/perov_5",
+        "source": "https://github.com/jiaor17/DiffCSP/tree/main/data/perov_5 (also "
+        "https://github.com/txie-93/cdvae/tree/main/data/perov_5)",
+        "licence": "MIT (CDVAE, DiffCSP); data: Castelli et al. 2012, Energy Environ. Sci. 5, "
+        "9034 (Computational Materials Repository)",
     },
     "mp_20": {
         "property": "formation_energy_per_atom",
-        "source": "https://github.com/txie-93/cdvae/tree/main/data/mp_20 (CDVAE format) or "
-        "https://github.com/jiaor17/DiffCSP/tree/main/data/mp_20 (DiffCSP format)",
+        "source": "https://github.com/jiaor17/DiffCSP/tree/main/data/mp_20 (DiffCSP format; "
+        "CDVAE format: https://github.com/txie-93/cdvae/tree/main/data/mp_20)",
+        "licence": "CC BY 4.0 (Materials Project, Jain et al. 2013); split: CDVAE (MIT)",
     },
     "carbon_24": {
         "property": "energy_per_atom",
-        "source": "https://github.com/txie-93/cdvae/tree/main/data/carbon_24 or "
-        "https://github.com/jiaor17/DiffCSP/tree/main/data/carbon_24",
+        "source": "https://github.com/txie-93/cdvae/tree/main/data/carbon_24",
+        "licence": "MIT (CDVAE); data: Pickard, AIRSS carbon at 10 GPa, Materials Cloud "
+        "doi:10.24435/MATERIALSCLOUD:2020.0026/V1",
     },
     "mpts_52": {
         "property": "formation_energy_per_atom",
         "source": "https://github.com/jiaor17/DiffCSP/tree/main/data/mpts_52 "
         "(Baird & Sparks, figshare doi:10.6084/m9.figshare.19991516.v4)",
+        "licence": "CC BY 4.0 (Materials Project); split: Baird & Sparks; DiffCSP (MIT)",
     },
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetFile:
+    """One published split: where its CSV lives and what its bytes are.
+
+    Attributes:
+      url: raw-file address at a pinned commit.
+      sha256: hex digest of the file as published.
+      size: bytes.
+    """
+
+    url: str
+    sha256: str
+    size: int
+
+
+_RAW = "https://raw.githubusercontent.com"
+_DIFFCSP = f"{_RAW}/jiaor17/DiffCSP/7121d159826efa2ba9500bf299250d96da37f146/data"
+_CDVAE = f"{_RAW}/txie-93/cdvae/f857f598d6f6cca5dc1ea0582d228f12dcc2c2ea/data"
+
+# (name, split) -> published file. Digests and sizes as recorded in the project's data
+# provenance notes (DiffCSP / CDVAE at the commits in the addresses).
+DATASET_FILES: dict[tuple[str, str], DatasetFile] = {
+    ("perov_5", "train"): DatasetFile(
+        f"{_DIFFCSP}/perov_5/train.csv",
+        "6144a97ead4828a781a1c269c56fedc34b65945977c6433a055a720c47bf77f6",
+        21_695_296,
+    ),
+    ("perov_5", "val"): DatasetFile(
+        f"{_DIFFCSP}/perov_5/val.csv",
+        "efb9c832756439747f093e03a35daf073fcc9a5fc43a8a5292addee2f3d7ce90",
+        7_233_118,
+    ),
+    ("perov_5", "test"): DatasetFile(
+        f"{_DIFFCSP}/perov_5/test.csv",
+        "2511340f0e08b25699e9386e100ae0b30cd9b9c8a5b29622c3533644e04c95fa",
+        7_229_328,
+    ),
+    ("mp_20", "train"): DatasetFile(
+        f"{_DIFFCSP}/mp_20/train.csv",
+        "9c5a34b3684ff4b86d87a86c1c42298d1d28322ea0f03059d9e80ab6a2b729a7",
+        80_920_549,
+    ),
+    ("mp_20", "val"): DatasetFile(
+        f"{_DIFFCSP}/mp_20/val.csv",
+        "68e101e777c168429d84feb5bf1c5432f1a1b625884f72499c54c4d68e7ee73a",
+        26_864_684,
+    ),
+    ("mp_20", "test"): DatasetFile(
+        f"{_DIFFCSP}/mp_20/test.csv",
+        "6d63e5d7a607866d94014b3e8ae34f0b9f4d6a2b2332bbc50fd3ec976f487231",
+        26_846_148,
+    ),
+    ("mpts_52", "train"): DatasetFile(
+        f"{_DIFFCSP}/mpts_52/train.csv",
+        "db33cfc86530bbd4b020405989c5cd12130f447ad7b9258d29b3ff9c8a26d764",
+        45_705_353,
+    ),
+    ("mpts_52", "val"): DatasetFile(
+        f"{_DIFFCSP}/mpts_52/val.csv",
+        "b5d9f7a8ff72f3a1f24d6bb97e11ad201be40d10be7b27924234da06af04baba",
+        9_941_357,
+    ),
+    ("mpts_52", "test"): DatasetFile(
+        f"{_DIFFCSP}/mpts_52/test.csv",
+        "4d6e76c4726fb12fb2a7e5bb23594f9b82dbd9bf67b7bfd4866e9c74a8f49038",
+        16_358_482,
+    ),
+    ("carbon_24", "train"): DatasetFile(
+        f"{_CDVAE}/carbon_24/train.csv",
+        "79b4465695d82b23abb56e9b855ac4841eb991ff3e0952a44b0ca3857e1a304a",
+        15_214_751,
+    ),
+    ("carbon_24", "val"): DatasetFile(
+        f"{_CDVAE}/carbon_24/val.csv",
+        "36c00689cd63073c954a58bc6ed6e2adb7aeed5a630c994970959a1babffd50e",
+        2_321_923,
+    ),
+    ("carbon_24", "test"): DatasetFile(
+        f"{_CDVAE}/carbon_24/test.csv",
+        "386b17c08816f434818d51e46687bf72ff3f92348f3ba24823e4758f1fe8a969",
+        2_319_350,
+    ),
+}
+
+# Splits that only local copies hold: found in --data-dir / $AUTOPERI_DATA / the cache,
+# never downloaded, never taken for the full split.
+LOCAL_SPLITS: dict[tuple[str, str], str] = {
+    ("mp_20", "train_partial"): "15,455 of the 27,136 MP-20 train crystals (not a uniform "
+    "sample); a model trained on it must say so",
+    ("mpts_52", "train_partial"): "12,751 of the 27,380 MPTS-52 train crystals",
+}
+_SUFFIXES = (".csv", ".csv.gz", ".csv.xz")
 
 # Columns of the CDVAE / DiffCSP CSVs that are identifiers or text, never properties.
 _NON_PROPERTY = {"material_id", "cif", "cif.conv", "formula", "pretty_formula", "elements"}
@@ -94,34 +213,94 @@ class Rejection:
 
 
 # -------------------------------------------------------------------------- resolution
-def resolve_dataset(spec: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> Path:
+def dataset_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where downloaded splits are kept: ``cache_root() / "datasets"``."""
+    return cache_root(environ) / "datasets"
+
+
+def _offline() -> bool:
+    return os.environ.get("AUTOPERI_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _find_local(name: str, split: str, roots: Sequence[Path], tried: list[str]) -> Path | None:
+    for root in roots:
+        for suffix in _SUFFIXES:
+            p = root / name / f"{split}{suffix}"
+            tried.append(str(p))
+            if p.is_file():
+                return p
+    return None
+
+
+def _remote(name: str, split: str) -> DatasetFile:
+    f = DATASET_FILES[(name, split)]
+    mirror = os.environ.get("AUTOPERI_DATA_MIRROR")
+    if mirror:
+        return dataclasses.replace(f, url=f"{mirror.rstrip('/')}/{name}/{split}.csv")
+    return f
+
+
+def _resolve_named(
+    name: str, split: str, data_dir: str | os.PathLike | None, download: bool | None
+) -> Path:
+    """Steps 1-4 of the module docstring for ``NAME:SPLIT``."""
+    known = [s for n, s in (*DATASET_FILES, *LOCAL_SPLITS) if n == name]
+    if split not in known:
+        raise DatasetError(f"unknown split {split!r} of {name!r}; use one of {known}")
+    roots = [Path(p).expanduser() for p in (data_dir, os.environ.get("AUTOPERI_DATA")) if p]
+    roots.append(dataset_cache_dir())
+    tried: list[str] = []
+    found = _find_local(name, split, roots, tried)
+    if found is not None:
+        return found
+    where = f"DIR/{name}/{split}.csv (with --data-dir DIR or AUTOPERI_DATA=DIR)"
+    if (name, split) in LOCAL_SPLITS:
+        raise DatasetError(
+            f"{name}:{split} ({LOCAL_SPLITS[name, split]}) is not published and so cannot "
+            f"be downloaded; looked for {', '.join(tried)}. Put the file at {where}."
+        )
+    remote = _remote(name, split)
+    dest = dataset_cache_dir() / name / f"{split}.csv"
+    expected = (
+        f"the file expected is {name}/{split}.csv ({remote.size:,} bytes, sha256 "
+        f"{remote.sha256}) from {remote.url} (published at {DATASETS[name]['source']})"
+    )
+    if download is False or (download is None and _offline()):
+        why = "downloads are off (AUTOPERI_OFFLINE)" if download is None else "no download"
+        raise DatasetError(
+            f"dataset {name} split {split} not found locally (looked for {', '.join(tried)}) "
+            f"and {why}; {expected}. Download it and put it at {dest} or {where}."
+        )
+    try:
+        return fetch(remote.url, dest, remote.sha256, remote.size, desc=f"{name}/{split}.csv")
+    except DownloadError as e:
+        raise DatasetError(
+            f"dataset {name} split {split} not found locally (looked for {', '.join(tried)}) "
+            f"and the download failed: {e}; {expected}. Download it yourself and put it at "
+            f"{dest} or {where}."
+        ) from e
+
+
+def resolve_dataset(
+    spec: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    download: bool | None = None,
+) -> Path:
     """Finds the file or folder behind a dataset spec (see module docstring).
 
+    Args:
+      spec: ``NAME[:SPLIT]``, a path, or ``FOLDER:SPLIT`` for a user's folder of splits.
+      data_dir: folder holding ``NAME/SPLIT.csv`` (looked in first).
+      download: whether a named split missing locally may be downloaded; ``None`` = yes
+        unless ``$AUTOPERI_OFFLINE`` is set.
+
     Raises:
-      DatasetError: naming the places searched and where the data is published.
+      DatasetError: naming the places searched, the file expected and where to put it.
     """
     spec = str(spec)
     name, _, split = spec.partition(":")
     if name in DATASETS:
-        split = split or "train"
-        if split not in SPLITS:
-            raise DatasetError(f"unknown split {split!r} in {spec!r}; use one of {SPLITS}")
-        roots = [Path(p).expanduser() for p in (data_dir, os.environ.get("AUTOPERI_DATA")) if p]
-        if name == "perov_5":
-            roots.append(BUNDLED_DIR)
-        tried = []
-        for root in roots:
-            for suffix in (".csv", ".csv.gz", ".csv.xz"):
-                p = root / name / f"{split}{suffix}"
-                tried.append(str(p))
-                if p.exists():
-                    return p
-        looked = ", ".join(tried) or "nothing: no data dir given"
-        raise DatasetError(
-            f"dataset {name!r} split {split!r} not found (looked for {looked}). "
-            f"It is published at {DATASETS[name]['source']}. Download {split}.csv into "
-            f"DIR/{name}/ and pass --data-dir DIR or set AUTOPERI_DATA=DIR."
-        )
+        return _resolve_named(name, split or "train", data_dir, download)
     path = Path(spec)
     if split and split in SPLITS and not path.exists() and Path(name).is_dir():
         # A user's dataset folder with one entry per split: SPLIT.csv[.gz|.xz],
@@ -148,15 +327,12 @@ def resolve_dataset(spec: str | os.PathLike, data_dir: str | os.PathLike | None 
 
 
 def _file_digest(path: Path) -> str:
+    if path.is_file():
+        return sha256_file(path)
     h = hashlib.sha256()
-    if path.is_dir():
-        for p in sorted(path.glob("*.cif")):
-            h.update(p.name.encode())
-            h.update(p.read_bytes())
-    else:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+    for p in sorted(path.glob("*.cif")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
     return h.hexdigest()
 
 

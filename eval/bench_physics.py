@@ -24,19 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def load_perov(n: int, split: str = "test"):
-    """The first ``n`` Perov-5 crystals of ``split`` as ``ase.Atoms`` (bundled copy first)."""
+    """The first ``n`` Perov-5 crystals of ``split`` as ``ase.Atoms``."""
     import pandas as pd
     from pymatgen.core import Structure
     from pymatgen.io.ase import AseAtomsAdaptor
 
-    path = REPO / "autoperi_jax" / "data" / "perov_5" / f"{split}.csv.xz"
-    if not path.exists():
-        path = REPO.parent / "shared" / "data" / "perov_5" / f"{split}.csv"
-    df = pd.read_csv(path, nrows=n)
+    from autoperi_jax.datasets import resolve_dataset
+
+    df = pd.read_csv(resolve_dataset(f"perov_5:{split}"), nrows=n)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return [AseAtomsAdaptor.get_atoms(Structure.from_str(c, fmt="cif")) for c in df["cif"]]

@@ -164,7 +164,7 @@ def load_structure_set(
 
     Args:
       spec: ``NAME:SPLIT`` (e.g. ``perov_5:test``) or a path (module docstring).
-      data_dir: where named datasets live (else ``$AUTOPERI_DATA``; Perov-5 is bundled).
+      data_dir: where named datasets live (else ``$AUTOPERI_DATA``, the cache, a download).
       workers: processes for CIF parsing.
       progress: progress bar.
       limit: keep only the first ``limit`` entries.

@@ -1,6 +1,10 @@
 """Shared fixtures. Tests never touch the user's cache: AUTOPERI_CACHE points at a temp dir,
 and the CLI's persistent compilation cache is off (AUTOPERI_XLA_CACHE=off: each test compiles
-what it runs, as before; tests/test_cli.py checks the cache in processes of its own)."""
+what it runs, as before; tests/test_cli.py checks the cache in processes of its own).
+
+Tests never touch the network (AUTOPERI_OFFLINE=1; tests/test_download.py serves its files
+from 127.0.0.1) and read the benchmark splits by path: $AUTOPERI_DATA, by default the
+project's shared data folder beside the checkout (``../shared/data``)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,10 @@ import numpy as np
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+os.environ["AUTOPERI_OFFLINE"] = "1"
+if not os.environ.get("AUTOPERI_DATA") and SHARED_DATA.is_dir():
+    os.environ["AUTOPERI_DATA"] = str(SHARED_DATA)
 
 
 @pytest.fixture
@@ -40,7 +48,7 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def perov_test():
-    """Every Perov-5 test structure as a GraphDataset (bundled copy, 3,785 crystals)."""
+    """Every Perov-5 test structure as a GraphDataset (3,785 crystals, read by path)."""
     from autoperi_jax.datasets import load_dataset
 
     return load_dataset("perov_5:test", progress=False)
@@ -49,7 +57,7 @@ def perov_test():
 @pytest.fixture(scope="session")
 def tiny_perov_data(tmp_path_factory) -> str:
     """A data dir (for ``config.data.data_dir``) holding the first ``limit_SPLIT`` rows of
-    each bundled Perov-5 split, with the limits of ``train/configs/test.py``, so the tiny
+    each Perov-5 split, with the limits of ``train/configs/test.py``, so the tiny
     training runs preprocess little."""
     import pandas as pd
 

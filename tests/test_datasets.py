@@ -22,33 +22,18 @@ from autoperi_jax.datasets import (
 )
 from autoperi_jax.graph import GraphSettings
 
-BUNDLED_TEST = "perov_5:test"
+PEROV_TEST = "perov_5:test"
 
 
 @pytest.fixture(scope="module")
 def perov_rows():
-    path = resolve_dataset(BUNDLED_TEST)
+    path = resolve_dataset(PEROV_TEST)
     return pd.read_csv(path, nrows=40)
 
 
 def _write(df: pd.DataFrame, path) -> str:
     df.to_csv(path, index=False)
     return str(path)
-
-
-def test_bundled_perov5_is_byte_identical_to_the_published_csv(monkeypatch):
-    import hashlib
-    import lzma
-
-    monkeypatch.delenv("AUTOPERI_DATA", raising=False)  # the bundled copy, not a local one
-    want = {  # ../shared/data/SOURCES.md
-        "train": "6144a97ead4828a781a1c269c56fedc34b65945977c6433a055a720c47bf77f6",
-        "val": "efb9c832756439747f093e03a35daf073fcc9a5fc43a8a5292addee2f3d7ce90",
-        "test": "2511340f0e08b25699e9386e100ae0b30cd9b9c8a5b29622c3533644e04c95fa",
-    }
-    for split, digest in want.items():
-        data = lzma.decompress(resolve_dataset(f"perov_5:{split}").read_bytes())
-        assert hashlib.sha256(data).hexdigest() == digest
 
 
 def test_diffcsp_csv_keeps_numeric_properties(perov_rows, tmp_path):
@@ -95,7 +80,7 @@ def test_malformed_cif_names_file_row_and_id_and_can_be_skipped(perov_rows, tmp_
 
 
 def test_large_csv_uses_worker_processes(tmp_path):
-    df = pd.read_csv(resolve_dataset(BUNDLED_TEST), nrows=600)
+    df = pd.read_csv(resolve_dataset(PEROV_TEST), nrows=600)
     df.loc[599, "cif"] = "nonsense"
     ds = load_dataset(_write(df, tmp_path / "big.csv"), on_error="skip", workers=2, progress=False)
     assert len(ds) == 599 and ds.rejected[0].row == 599
@@ -130,7 +115,7 @@ def test_empty_and_cifless_files(tmp_path):
 
 def test_missing_named_dataset_says_where_to_get_it(tmp_path, monkeypatch):
     monkeypatch.delenv("AUTOPERI_DATA", raising=False)
-    with pytest.raises(DatasetError, match=r"txie-93/cdvae.*--data-dir DIR or set AUTOPERI_DATA"):
+    with pytest.raises(DatasetError, match=r"DiffCSP.*--data-dir DIR or AUTOPERI_DATA=DIR"):
         resolve_dataset("mp_20:val", data_dir=tmp_path)
     (tmp_path / "mp_20").mkdir()
     (tmp_path / "mp_20" / "val.csv").write_text("x")

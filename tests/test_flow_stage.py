@@ -18,7 +18,7 @@ from train.cli import load_config, write_samples
 def run(tmp_path_factory, tiny_perov_data):
     """A tiny flow stage on an untrained tiny autoencoder (the test config; initial
     parameters stand in for a trained run, which would cost a minute of compilation) on
-    the first rows of the bundled Perov-5 splits."""
+    the first rows of the Perov-5 splits."""
     import jax.numpy as jnp
 
     from autoperi_jax.api import padded_batches

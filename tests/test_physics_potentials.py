@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def perov_atoms(n: int = 5, split: str = "test") -> list[Atoms]:
-    """The first ``n`` Perov-5 crystals of a split as ``ase.Atoms`` (bundled copy)."""
+    """The first ``n`` Perov-5 crystals of a split as ``ase.Atoms``."""
     import pandas as pd
     from pymatgen.core import Structure
     from pymatgen.io.ase import AseAtomsAdaptor

@@ -136,7 +136,7 @@ def _from_table(g: int, rng: np.random.Generator, species=(8, 26)) -> Crystal:
 def perov():
     """{group: [Crystal]}: the first Perov-5 test structures of each group whose
     `spacegroup.number` label spglib (symprec 0.01) confirms. (A few labelled 99 are within
-    0.01 A of 221 or 123; they are skipped.) Read from the bundled CSV directly: building
+    0.01 A of 221 or 123; they are skipped.) Read from the CSV directly: building
     the whole test set's graphs with `load_dataset` would take most of the time budget."""
     import pandas as pd
 

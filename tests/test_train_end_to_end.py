@@ -15,7 +15,7 @@ from train.trainer import load_checkpoint, train_and_evaluate
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_perov_data):
-    """Trains the test config on the first rows of the bundled Perov-5 splits (written to
+    """Trains the test config on the first rows of the Perov-5 splits (written to
     a temporary data dir so preprocessing stays small)."""
     config = load_config("train/configs/test.py")
     config.data.data_dir = tiny_perov_data

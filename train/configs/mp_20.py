@@ -1,6 +1,6 @@
 """MP-20 autoencoder: ``autoperi train --config train/configs/mp_20.py --workdir RUN
---config.data.data_dir=DIR`` (DIR/mp_20/{train,val,test}.csv, CDVAE or DiffCSP format; the
-full set is not bundled, see `autoperi_jax.datasets.DATASETS` for its download location).
+--config.data.data_dir=DIR`` (DIR/mp_20/{train,val,test}.csv, CDVAE or DiffCSP format;
+without it the splits are downloaded once, see `autoperi_jax.datasets`).
 
 MP-20 (CDVAE): 45,231 Materials Project structures with at most 20 atoms in the cell and
 89 elements. Differences from `perov_5`: 20 atom slots, more in-jit edges per crystal, a
