@@ -119,6 +119,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--phonon-max", type=int, help="phonons of at most N valid structures per side")
     p.add_argument("--data-dir", help="folder holding NAME/SPLIT.csv (else $AUTOPERI_DATA)")
+    p.add_argument(
+        "--no-reference-stats",
+        action="store_true",
+        help="gen/cond: read the reference split's structures even where a shipped model "
+        "carries its statistics (eval.reference)",
+    )
     p.add_argument("--cache-dir", help="fingerprint cache (else $AUTOPERI_CACHE/...)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
@@ -129,7 +135,46 @@ def register(subparsers) -> argparse.ArgumentParser:
     from eval.bench import register as register_bench
 
     register_bench(subparsers)
+    _register_reference_stats(subparsers)
     return p
+
+
+def _register_reference_stats(subparsers) -> None:
+    r = subparsers.add_parser(
+        "reference-stats",
+        help="compute the statistics of a reference split that generation metrics need",
+        description="Computes what `autoperi eval --task gen` needs of a reference split "
+        "(validity features, CrystalNN / Magpie fingerprints, properties, names) and writes "
+        "it as an .npz, e.g. for a model bundle's reference/ folder (eval.reference).",
+    )
+    r.add_argument("--reference", required=True, help="split, e.g. perov_5:test, or a file")
+    r.add_argument("--out", required=True, help="output .npz")
+    r.add_argument("--symprec", type=float, default=0.1, help="spglib tolerance in A (0.1)")
+    r.add_argument("--data-dir", help="folder holding NAME/SPLIT.csv (else $AUTOPERI_DATA)")
+    r.add_argument("--cache-dir", help="fingerprint cache (else $AUTOPERI_CACHE/...)")
+    r.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=_reference_stats)
+
+
+def _reference_stats(args: argparse.Namespace) -> int:
+    from autoperi_jax.crystal import CrystalError
+    from autoperi_jax.datasets import DatasetError
+    from eval.reference import compute_reference_stats
+
+    try:
+        stats = compute_reference_stats(
+            args.reference, data_dir=args.data_dir, symprec=args.symprec,
+            workers=args.workers, cache_dir=args.cache_dir, progress=not args.quiet,
+        )  # fmt: skip
+    except (DatasetError, CrystalError, FileNotFoundError, ValueError) as e:
+        print(f"autoperi reference-stats: error: {e}", file=sys.stderr)
+        return 2
+    out = stats.save(args.out)
+    kb = out.stat().st_size / 1024
+    print(f"{len(stats)} structures of {args.reference} (sha256 {stats.source_sha256[:12]}...)")
+    print(f"wrote {out} ({kb:.0f} KiB)")
+    return 0
 
 
 def _dataset_name(args) -> str | None:
@@ -149,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
     from autoperi_jax.crystal import CrystalError
     from autoperi_jax.datasets import DATASETS, DatasetError
     from eval.evaluate import EvalOptions, evaluate
+    from eval.reference import ReferenceStats, load_reference
     from eval.report import write_report
     from eval.samples import load_structure_set
 
@@ -187,7 +233,13 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         load = dict(data_dir=args.data_dir, workers=args.workers, progress=progress)
         samples = load_structure_set(args.samples, limit=args.max_samples, **load)
-        reference = load_structure_set(args.reference, **load)
+        if args.task == "recon":
+            reference = load_structure_set(args.reference, **load)
+        else:
+            reference = load_reference(
+                args.reference, symprec=opts.symprec, min_distance=opts.min_distance,
+                min_volume=opts.min_volume, use_stats=not args.no_reference_stats, **load,
+            )  # fmt: skip
         train = load_structure_set(args.train, **load) if args.train else None
         result = evaluate(
             samples, reference, opts, train=train, workers=args.workers,
@@ -199,6 +251,9 @@ def run(args: argparse.Namespace) -> int:
             "n_samples": len(samples),
             "reference": str(args.reference),
             "reference_path": reference.source,
+            "reference_from": "statistics"
+            if isinstance(reference, ReferenceStats)
+            else "structures",
             "n_reference": len(reference),
             "train": str(args.train) if args.train else None,
             "n_train": len(train) if train is not None else None,

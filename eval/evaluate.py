@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from eval import metrics as M
-from eval.fingerprints import cdvae_comp_scale, composition_fingerprints, structure_fingerprints
+from eval.fingerprints import cdvae_comp_scale
+from eval.reference import ReferenceStats, fingerprints, reference_side
 from eval.samples import StructureSet
 
 __all__ = ["EvalOptions", "EvalResult", "align_predictions", "evaluate"]
@@ -112,7 +113,7 @@ class EvalResult:
     metrics: dict[str, Any]
     details: dict[str, Any]
     samples: StructureSet
-    reference: StructureSet
+    reference: StructureSet | ReferenceStats
     sample_features: M.Features
     reference_features: M.Features
     sample_valid: np.ndarray
@@ -182,7 +183,7 @@ def _finite(x: float | None) -> float | None:
 
 def evaluate(
     samples: StructureSet,
-    reference: StructureSet,
+    reference: StructureSet | ReferenceStats,
     options: EvalOptions,
     train: StructureSet | None = None,
     workers: int | None = None,
@@ -194,7 +195,8 @@ def evaluate(
 
     Args:
       samples: generated (``gen`` / ``cond``) or reconstructed (``recon``) structures.
-      reference: test split (``gen``: coverage / EMD reference; ``recon``: ground truth).
+      reference: test split (``gen``: coverage / EMD reference, its structures or its
+        `eval.reference.ReferenceStats`; ``recon``: ground truth, structures only).
       options: the protocol (`EvalOptions`).
       train: training split for novelty (optional).
       workers: processes (default: every core).
@@ -203,6 +205,8 @@ def evaluate(
       progress: progress bars.
     """
     if options.task == "recon":
+        if isinstance(reference, ReferenceStats):
+            raise ValueError("reconstruction compares structures: pass the reference split")
         return _evaluate_recon(samples, reference, options, workers, cache_dir, use_cache, progress)
     return _evaluate_gen(
         samples, reference, options, train, workers, cache_dir, use_cache, progress
@@ -210,15 +214,8 @@ def evaluate(
 
 
 def _fps(ss: StructureSet, workers, cache_dir, use_cache, progress, comp: bool = True):
-    s_fp, s_ok = structure_fingerprints(
-        ss.crystals, workers=workers, cache_dir=cache_dir, use_cache=use_cache, progress=progress
-    )
-    if not comp:
-        return s_fp, s_ok, None, None
-    c_fp, c_ok = composition_fingerprints(
-        ss.crystals, workers=workers, cache_dir=cache_dir, use_cache=use_cache, progress=progress
-    )
-    return s_fp, s_ok, c_fp, c_ok
+    fp = fingerprints(ss, workers, cache_dir, use_cache, progress, comp)
+    return fp.struct, fp.struct_ok, fp.comp, fp.comp_ok
 
 
 def _evaluate_gen(samples, reference, opts, train, workers, cache_dir, use_cache, progress):
@@ -229,10 +226,14 @@ def _evaluate_gen(samples, reference, opts, train, workers, cache_dir, use_cache
     )  # fmt: skip
     with timer("features"):
         sf = M.compute_features(samples.crystals, desc="samples: validity", **feat_kw)
-        rf = M.compute_features(reference.crystals, desc="reference: validity", **feat_kw)
     with timer("fingerprints"):
         s_sfp, s_sok, s_cfp, s_cok = _fps(samples, workers, cache_dir, use_cache, progress)
-        r_sfp, r_sok, r_cfp, r_cok = _fps(reference, workers, cache_dir, use_cache, progress)
+    with timer("reference"):  # stored statistics, or computed from the structures
+        rf, rfp = reference_side(
+            reference, opts.symprec, opts.min_distance, opts.min_volume, workers, cache_dir,
+            use_cache, progress,
+        )  # fmt: skip
+        r_sfp, r_sok, r_cfp, r_cok = rfp.struct, rfp.struct_ok, rfp.comp, rfp.comp_ok
     fp_ok = s_sok & s_cok
     valid = _valid_mask(sf, fp_ok, opts)
     ref_valid = _valid_mask(rf, r_sok & r_cok, opts)
@@ -354,6 +355,12 @@ def _evaluate_gen(samples, reference, opts, train, workers, cache_dir, use_cache
 
     if opts.phonons:
         from eval.stability import StabilityOptions, phonon_stability
+
+        if isinstance(reference, ReferenceStats):
+            raise ValueError(
+                "--phonons relaxes the reference crystals, which statistics do not hold; pass "
+                "--no-reference-stats (reads the split's structures)"
+            )
 
         with timer("phonons"):
             sopts = StabilityOptions()

@@ -38,6 +38,7 @@ __all__ = [
     "FingerprintCache",
     "cdvae_comp_scale",
     "composition_fingerprints",
+    "fingerprint_versions",
     "structure_fingerprints",
 ]
 
@@ -196,7 +197,9 @@ def _magpie_chunk(items: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> list:
 
 
 # --------------------------------------------------------------------------------- cache
-def _versions() -> str:
+def fingerprint_versions() -> str:
+    """The fingerprint libraries' versions, ``matminer=X,pymatgen=Y`` (part of every cache
+    key: another version may give other numbers)."""
     import importlib.metadata as md
 
     return ",".join(f"{p}={md.version(p)}" for p in ("matminer", "pymatgen"))
@@ -257,7 +260,7 @@ class FingerprintCache:
         digest = hashlib.sha256("".join(keys).encode()).hexdigest()[:20]
         path = self.folder / f"{kind}-{digest}.npz"
         tmp = self.folder / f".{kind}-{digest}.tmp{os.getpid()}.npz"
-        meta = json.dumps({"kind": kind, "version": CACHE_VERSION, "libs": _versions()})
+        meta = json.dumps({"kind": kind, "version": CACHE_VERSION, "libs": fingerprint_versions()})
         np.savez_compressed(tmp, keys=np.array(keys, dtype=str), values=values, ok=ok, meta=meta)
         os.replace(tmp, path)
         if len(files) >= self.max_files:
@@ -350,7 +353,7 @@ def structure_fingerprints(
     Returns:
       fps [n, 61] (NaN rows where it failed) and ok [n] bool.
     """
-    salt = f"crystalnn-ops|v{CACHE_VERSION}|{_versions()}"
+    salt = f"crystalnn-ops|v{CACHE_VERSION}|{fingerprint_versions()}"
     keys = [None if c is None else _structure_key(c, salt) for c in crystals]
     payloads = [None if c is None else (c.cell, c.frac_coords, c.numbers) for c in crystals]
     return _cached_compute(
@@ -374,7 +377,7 @@ def composition_fingerprints(
     Returns:
       fps [n, 132] (raw; NaN where matminer lacks data; use `cdvae_comp_scale`) and ok [n].
     """
-    salt = f"magpie|v{CACHE_VERSION}|{_versions()}"
+    salt = f"magpie|v{CACHE_VERSION}|{fingerprint_versions()}"
     comps = [None if c is None else _reduced(c.numbers) for c in crystals]
     keys = [
         None if rc is None else hashlib.sha256(f"{salt}|{rc}".encode()).hexdigest() for rc in comps
