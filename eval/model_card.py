@@ -1,6 +1,6 @@
 """Results table of a shipped pretrained model, rendered from `autoperi eval` output.
 
-The numbers in the README's "Shipped model" table are never typed by hand: `autoperi eval`
+The numbers in the README's results table are never typed by hand: `autoperi eval`
 writes ``metrics.json``; ``collect`` copies those files next to the shipped model
 (``autoperi_jax/pretrained/NAME/eval/{gen,gen_unique,recon,demo}.json``), ``table`` renders
 the Markdown table from them, and ``check`` (also run by tests/test_pretrained.py) fails when
@@ -34,17 +34,17 @@ GEN_ROWS = (
     ("comp_validity", "compositional validity (SMACT)", "pct"),
     ("cov_recall", "COV-R", "pct"),
     ("cov_precision", "COV-P", "pct"),
-    ("emd_density", "EMD density (g/cm3), 10 draws of 1,000 valid", "num"),
-    ("emd_num_elements", "EMD #elements, 10 draws of 1,000 valid", "num"),
+    ("emd_density", "EMD density (g/cm3)", "num"),
+    ("emd_num_elements", "EMD #elements", "num"),
     ("emd_property", "EMD heat_ref (our predictor on both sides; not comparable)", "num"),
     ("uniqueness", "uniqueness (valid)", "pct"),
     ("novelty", "novelty vs train (valid)", "pct"),
 )
 RECON_ROWS = (
-    ("match_rate", "match rate (valid predictions, CDVAE matcher)", "pct"),
-    ("rmse", "RMSE (normalised by (V/N)^(1/3))", "num"),
-    ("match_rate_ceiling", "ceiling: share of valid reference crystals", "pct"),
-    ("spacegroup_preserved", "space group preserved (spglib 0.1)", "pct"),
+    ("match_rate", "reconstruction match rate (valid predictions, CDVAE matcher)", "pct"),
+    ("rmse", "reconstruction RMSE (normalised by (V/N)^(1/3))", "num"),
+    ("match_rate_ceiling", "match-rate ceiling: share of valid reference crystals", "pct"),
+    ("spacegroup_preserved", "space group preserved by reconstruction (spglib 0.1)", "pct"),
 )
 DEMO_ROWS = (*GEN_ROWS[:6], GEN_ROWS[7])  # no novelty: the demo evaluates without --train
 PUBLISHED = ("CDVAE", "DiffCSP")
@@ -93,36 +93,71 @@ def _fmt(value: Any, kind: str, std: Any = None) -> str:
     return f"{text} +- {std:.4f}" if std is not None else text
 
 
+def _load(folder: Path, kind: str) -> dict | None:
+    path = folder / f"{kind}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _published(d: dict, key: str, fmt: str, col: str) -> str:
+    """A published value, or "" (published property EMDs used each paper's own predictor:
+    not comparable)."""
+    values = d.get("published", {}).get("models", {}).get(col, {}).get("values") or {}
+    text = _fmt(values.get(key), fmt) if key != "emd_property" else ""
+    return "" if text == "n/a" else text
+
+
+def _ours(d: dict | None, key: str, fmt: str) -> str:
+    if d is None:
+        return ""
+    m = d["metrics"]
+    return _fmt(m.get(key), fmt, m.get(f"{key}_std"))
+
+
 def render_table(name: str = "perov_5", folder: Path | None = None) -> str:
-    """The Markdown block (between `START` and `END`) for the shipped model ``name``."""
+    """The Markdown block (between `START` and `END`) for the shipped model ``name``: one
+    table (generation, with and without ``--unique``, and reconstruction beside the
+    published numbers), the demo's figures in a line, and the file and commands of each."""
     folder = results_dir(name) if folder is None else Path(folder)
+    d = {kind: _load(folder, kind) for kind in FILES}
+    gen, unique, recon = d["gen"], d["gen_unique"], d["recon"]
     lines = [START, ""]
-    for kind, rows in FILES.items():
-        path = folder / f"{kind}.json"
-        if not path.exists():
-            continue
-        d = json.loads(path.read_text())
-        m, pub = d["metrics"], d.get("published", {}).get("models", {})
+    lines.append(
+        "Perov-5 test split (3,785 crystals), CDVAE's protocol: 10,000 generated samples "
+        "(seed 0; EMDs over 10 draws of 1,000 valid samples), and the reconstruction of "
+        "every test crystal."
+    )
+    lines.append("")
+    gen_cols = ["shipped model"] + (["shipped, `--unique`"] if unique else [])
+    lines.append("| metric | " + " | ".join(gen_cols) + " | " + " | ".join(PUBLISHED) + " |")
+    lines.append("|---" * (1 + len(gen_cols) + len(PUBLISHED)) + "|")
+    rows = []
+    if gen:
+        rows += [(label, key, fmt, gen) for key, label, fmt in GEN_ROWS]
+    if recon:
+        rows += [(label, key, fmt, recon) for key, label, fmt in RECON_ROWS]
+    for label, key, fmt, src in rows:
+        ours = [_ours(src, key, fmt)]
+        if unique:
+            ours.append(_ours(unique, key, fmt) if src is gen else "")
+        theirs = [_published(src, key, fmt, c) for c in PUBLISHED]
+        lines.append(f"| {label} | " + " | ".join(ours + theirs) + " |")
+    lines.append("")
+    demo = d["demo"]
+    if demo:
         # The demo's 1,200 samples are not the protocol's 10,000 (COV-R grows with n), so
-        # no published column beside it.
-        cols = [p for p in PUBLISHED if p in pub and pub[p].get("values") and kind != "demo"]
-        lines.append(f"**{TITLES[kind]}** (`autoperi_jax/pretrained/{name}/eval/{kind}.json`)")
+        # no published numbers beside it.
+        figures = ", ".join(f"{label} {_ours(demo, key, fmt)}" for key, label, fmt in DEMO_ROWS)
+        lines.append(f"`make demo` (1,200 samples, seed 0): {figures}.")
         lines.append("")
-        lines.append("| metric | shipped model |" + "".join(f" {c} |" for c in cols))
-        lines.append("|---" * (2 + len(cols)) + "|")
-        for key, label, fmt in rows:
-            ours = _fmt(m.get(key), fmt, m.get(f"{key}_std"))
-            # Published property EMDs used each paper's own predictor: not comparable.
-            theirs = [
-                _fmt(pub[c]["values"].get(key), fmt) if key != "emd_property" else "" for c in cols
-            ]
-            theirs = [t if t != "n/a" else "" for t in theirs]
-            lines.append(f"| {label} | {ours} |" + "".join(f" {t} |" for t in theirs))
-        lines.append("")
+    lines.append(f"Files (in `autoperi_jax/pretrained/{name}/eval/`) and their commands:")
+    lines.append("")
+    for kind in FILES:
+        if d[kind] is None:
+            continue
         cmds = "; ".join(f"`{c}`" for c in COMMANDS[kind])
-        wall = d.get("wall_time_s")
-        lines.append(f"Commands: {cmds} (evaluation wall time {wall:.0f} s on 2 CPU cores).")
-        lines.append("")
+        wall = d[kind].get("wall_time_s")
+        lines.append(f"- `{kind}.json`: {cmds} (evaluation {wall:.0f} s on 2 CPU cores)")
+    lines.append("")
     lines.append(END)
     return "\n".join(lines)
 
