@@ -22,7 +22,7 @@ EPILOG = """examples:
   autoperi data info perov_5                 # the Perov-5 training split (fetched once)
   autoperi data info perov_5:test --cutoff 6
   autoperi data info my_structures.extxyz
-  autoperi data info mp_20 --data-dir ~/data # after downloading MP-20 (see README)
+  autoperi data info mp_20:val --data-dir ~/data  # a local copy, ~/data/mp_20/val.csv
 """
 
 

@@ -29,9 +29,11 @@ EXAMPLES = """examples:
       --dataset-name mp_20 --out runs/eval_mp20
 
 inputs:
-  --samples / --reference / --train take NAME:SPLIT (perov_5:test; mp_20 and carbon_24 with
-  --data-dir), a CSV with a 'cif' column, a folder of *.cif, or any ASE file (extxyz, ...).
-  Unreadable samples are kept and counted as invalid.
+  --samples / --reference / --train take NAME:SPLIT (perov_5:test, mp_20:val, ...: read from
+  --data-dir / $AUTOPERI_DATA / the cache, else downloaded once), a CSV with a 'cif' column,
+  a folder of *.cif, or any ASE file (extxyz, ...). Unreadable samples are kept and counted
+  as invalid. For gen / cond, a NAME:SPLIT reference a shipped model carries statistics of
+  (perov_5:test) needs no dataset (see --no-reference-stats).
 
 outputs (in --out):
   metrics.json   every rate as a fraction in [0, 1], every protocol option, per-seed EMDs,
