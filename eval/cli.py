@@ -57,7 +57,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXAMPLES,
     )
-    p.add_argument("--task", choices=["recon", "gen", "cond"], required=True)
+    p.add_argument("--task", choices=["recon", "gen", "cond", "csp"], required=True)
     p.add_argument("--samples", required=True, help="generated / reconstructed structures")
     p.add_argument("--reference", required=True, help="reference set, e.g. perov_5:test")
     p.add_argument("--out", required=True, help="output folder")
@@ -109,6 +109,12 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--require-reference-valid",
         action="store_true",
         help="reconstruction: also require a valid reference (DiffCSP's variant)",
+    )
+    p.add_argument(
+        "--k",
+        default="1,20",
+        help="csp: the k of the match rates, comma-separated (default 1,20); predictions "
+        "are named ID#j, the j-th for test crystal ID",
     )
     p.add_argument("--target", type=float, help="cond: target property value")
     p.add_argument("--tolerance", type=float, help="cond: hit tolerance on the property")
@@ -191,6 +197,16 @@ def _dataset_name(args) -> str | None:
     return parent if parent in DATASETS else None
 
 
+def _parse_ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(sorted({int(k) for k in text.split(",") if k.strip()}))
+    except ValueError:
+        raise ValueError(f"--k takes comma-separated integers (e.g. 1,20), got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise ValueError(f"--k takes positive integers, got {text!r}")
+    return ks
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs ``autoperi eval``; returns the exit code."""
     from autoperi_jax.crystal import CrystalError
@@ -232,10 +248,11 @@ def run(args: argparse.Namespace) -> int:
             sampling_time_s=args.sampling_time_s,
             phonons=args.phonons,
             phonon_max=args.phonon_max,
+            csp_ks=_parse_ks(args.k),
         )  # fmt: skip
         load = dict(data_dir=args.data_dir, workers=args.workers, progress=progress)
         samples = load_structure_set(args.samples, limit=args.max_samples, **load)
-        if args.task == "recon":
+        if args.task in ("recon", "csp"):
             reference = load_structure_set(args.reference, **load)
         else:
             reference = load_reference(
@@ -272,6 +289,9 @@ def run(args: argparse.Namespace) -> int:
     keys = (
         ["match_rate", "rmse", "match_rate_ceiling", "spacegroup_preserved"]
         if args.task == "recon"
+        else [f"{m}_k{k}" for k in opts.csp_ks for m in ("match_rate", "rmse")]
+        + ["match_rate_ceiling_k1", "composition_kept_rate"]
+        if args.task == "csp"
         else [
             "validity", "struct_validity", "comp_validity", "cov_recall", "cov_precision",
             "emd_density", "emd_num_elements", "emd_property", "emd_density_all_valid",

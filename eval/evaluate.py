@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from eval import csp as C
 from eval import metrics as M
 from eval.fingerprints import cdvae_comp_scale
 from eval.reference import ReferenceStats, fingerprints, reference_side
@@ -20,7 +21,7 @@ from eval.samples import StructureSet
 
 __all__ = ["EvalOptions", "EvalResult", "align_predictions", "evaluate"]
 
-TASKS = ("recon", "gen", "cond")
+TASKS = ("recon", "gen", "cond", "csp")
 
 
 @dataclasses.dataclass
@@ -28,8 +29,9 @@ class EvalOptions:
     """Every protocol choice of an evaluation; written to metrics.json as is.
 
     Attributes:
-      task: ``recon`` (reconstruction), ``gen`` (unconditional generation) or ``cond``
-        (conditional generation: ``gen`` plus property / space-group targeting).
+      task: ``recon`` (reconstruction), ``gen`` (unconditional generation), ``cond``
+        (conditional generation: ``gen`` plus property / space-group targeting) or ``csp``
+        (structure prediction from the composition, DiffCSP's protocol: `eval.csp`).
       dataset_name: selects the coverage cut-offs (`metrics.COV_CUTOFFS`).
       struct_cutoff, comp_cutoff: coverage cut-offs; default from ``dataset_name``.
       match_tolerances: StructureMatcher tolerances for reconstruction (CDVAE's).
@@ -56,6 +58,7 @@ class EvalOptions:
         reference crystals (``phonon_stable_rate_reference``).
       phonon_max: evaluate the phonons of at most this many valid structures per side
         (the first ones; ``None`` = all).
+      csp_ks: csp: the k of the match rates (k predictions per test crystal).
     """
 
     task: str = "gen"
@@ -85,12 +88,15 @@ class EvalOptions:
     sampling_time_s: float | None = None
     phonons: bool = False
     phonon_max: int | None = None
+    csp_ks: tuple[int, ...] = (1, 20)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.lattice_cell not in ("niggli", "as_given"):
             raise ValueError("lattice_cell must be 'niggli' or 'as_given'")
+        if not self.csp_ks or min(self.csp_ks) < 1:
+            raise ValueError(f"csp_ks must be positive integers, got {self.csp_ks}")
         if self.unique_novel_on not in ("valid", "constructed"):
             raise ValueError("unique_novel_on must be 'valid' or 'constructed'")
         cut = M.COV_CUTOFFS.get(self.dataset_name or "")
@@ -204,10 +210,11 @@ def evaluate(
       use_cache: read / write the fingerprint cache.
       progress: progress bars.
     """
-    if options.task == "recon":
+    if options.task in ("recon", "csp"):
         if isinstance(reference, ReferenceStats):
-            raise ValueError("reconstruction compares structures: pass the reference split")
-        return _evaluate_recon(samples, reference, options, workers, cache_dir, use_cache, progress)
+            raise ValueError(f"{options.task} compares structures: pass the reference split")
+        fn = _evaluate_recon if options.task == "recon" else _evaluate_csp
+        return fn(samples, reference, options, workers, cache_dir, use_cache, progress)
     return _evaluate_gen(
         samples, reference, options, train, workers, cache_dir, use_cache, progress
     )
@@ -466,6 +473,61 @@ def _evaluate_recon(preds, refs, opts, workers, cache_dir, use_cache, progress):
     details = {
         "rms": rec["rms"].tolist(),
         "reference_invalid": [refs.names[i] for i in np.flatnonzero(~rv)],
+    }
+    return EvalResult(
+        options=opts, metrics=metrics, details=details, samples=preds, reference=refs,
+        sample_features=pf, reference_features=rf, sample_valid=pv, reference_valid=rv,
+        timings=timer.t,
+    )  # fmt: skip
+
+
+def _evaluate_csp(preds, refs, opts, workers, cache_dir, use_cache, progress):
+    timer = _Timer()
+    groups = C.group_predictions(preds.names, refs.names)
+    feat_kw = dict(
+        symprec=opts.symprec, min_distance=opts.min_distance, min_volume=opts.min_volume,
+        workers=workers, progress=progress,
+    )  # fmt: skip
+    with timer("features"):
+        pf = M.compute_features(preds.crystals, desc="predictions: validity", **feat_kw)
+        rf = M.compute_features(refs.crystals, desc="references: validity", **feat_kw)
+    p_ok = r_ok = None
+    if opts.fingerprint_validity:  # DiffCSP's Crystal: no fingerprint = invalid
+        with timer("fingerprints"):
+            _, p_ok, _, _ = _fps(preds, workers, cache_dir, use_cache, progress, comp=False)
+            _, r_ok, _, _ = _fps(refs, workers, cache_dir, use_cache, progress, comp=False)
+    pv = _valid_mask(pf, p_ok, opts)
+    rv = _valid_mask(rf, r_ok, opts)
+    with timer("matching"):
+        res = C.csp_metrics(
+            preds.crystals, refs.crystals, groups, pv, rv, opts.csp_ks, opts.match_tolerances,
+            workers, progress,
+        )  # fmt: skip
+    with timer("polymorphs"):
+        ceil = C.single_answer_ceiling(refs.crystals, rv, opts.match_tolerances, workers, progress)
+    kept = [
+        preds.crystals[p] is not None
+        and sorted(preds.crystals[p].numbers.tolist()) == sorted(refs.crystals[i].numbers.tolist())
+        for i, g in enumerate(groups)
+        for p in g
+    ]
+    v = M.validity_rates(pf, p_ok)
+    metrics: dict[str, Any] = {k: res[k] for k in res if k != "rms"}
+    metrics.update(
+        n_predictions=len(preds), composition_kept_rate=float(np.mean(kept)) if kept else 0.0,
+        pred_validity=v["validity"], pred_struct_validity=v["struct_validity"],
+        pred_comp_validity=v["comp_validity"], reference_validity=float(rv.mean()),
+        match_rate_ceiling_k1=ceil["match_rate_ceiling_k1"],
+    )  # fmt: skip
+    for k in ("rmse_k1", *(f"rmse_k{k}" for k in opts.csp_ks)):
+        if k in metrics:
+            metrics[k] = _finite(metrics[k])
+    details = {
+        "rms": res["rms"].tolist(),
+        "polymorphs": ceil,
+        "reference_invalid": [refs.names[i] for i in np.flatnonzero(~rv)],
+        "csp_rule": "DiffCSP compute_metrics.py: k = 1 RecEval (prediction and reference "
+        "valid), k > 1 RecEvalBatch (any valid prediction of the first k; best RMS)",
     }
     return EvalResult(
         options=opts, metrics=metrics, details=details, samples=preds, reference=refs,
