@@ -24,6 +24,9 @@ EXAMPLES = """examples:
   autoperi eval --task cond --samples cond.extxyz --reference perov_5:test \\
       --property heat_ref --target 0.5 --tolerance 0.1 --out runs/eval_cond
 
+  # structure prediction: k = 20 predictions per test crystal, named ID#j (DiffCSP protocol)
+  autoperi eval --task csp --samples csp.extxyz --reference perov_5:test --k 1,20 --out runs/csp
+
   # a folder of CIFs or a CSV with a 'cif' column work as --samples too; MP-20 by path:
   autoperi eval --task gen --samples cifs/ --reference ~/data/mp_20/test.csv \\
       --dataset-name mp_20 --out runs/eval_mp20

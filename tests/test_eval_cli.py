@@ -122,4 +122,4 @@ def test_help_has_examples(capsys):
         build_parser().parse_args(["eval", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    assert "examples:" in text and "--task {recon,gen,cond}" in text
+    assert "examples:" in text and "--task {recon,gen,cond,csp}" in text
