@@ -7,10 +7,11 @@ import jax
 import numpy as np
 import pytest
 
+from autoperi_jax.checkpoint import load_checkpoint
 from autoperi_jax.cli import main
 from autoperi_jax.crystal import read_structures
 from train.cli import load_config
-from train.trainer import load_checkpoint, train_and_evaluate
+from train.trainer import train_and_evaluate
 
 
 @pytest.fixture(scope="module")

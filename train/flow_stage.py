@@ -358,9 +358,10 @@ def _ae_meta(ckpt: dict[str, Any]) -> dict[str, Any]:
 
 def checkpoint_from_bundle(bundle: str | Path) -> dict[str, Any]:
     """The stage-1 autoencoder of an inference bundle (e.g. a shipped model,
-    `autoperi_jax.api.pretrained_path`) in the form `train.trainer.load_checkpoint` returns,
-    so `train_flow` can train a new flow on it. The bundle must hold the autoencoder's
-    training config as ``train_config.json``."""
+    `autoperi_jax.api.pretrained_path`) in the form
+    `autoperi_jax.checkpoint.load_checkpoint` returns, so `train_flow` can train a new
+    flow on it. The bundle must hold the autoencoder's training config as
+    ``train_config.json``."""
     from autoperi_jax.checkpoint import load_pytree
 
     bundle = Path(bundle)
@@ -386,16 +387,16 @@ def train_flow(
     Args:
       workdir: the autoencoder run (``autoperi train``); outputs go to ``workdir/flow``.
       config: a ``train/configs/flow_perov_5.py``-style config.
-      checkpoint: the autoencoder as `train.trainer.load_checkpoint` returns it (``config``,
-        ``params``, ``normalisers``, ``step``); default: the latest one of ``workdir``.
+      checkpoint: the autoencoder as `autoperi_jax.checkpoint.load_checkpoint` returns
+        it (``config``, ``params``, ``normalisers``, ``step``); default: the latest one
+        of ``workdir``.
 
     Returns:
       The summary written to ``workdir/flow/summary.json`` (NLLs, predictor MAEs, times).
     """
     from tqdm import tqdm
 
-    from autoperi_jax.checkpoint import save_pytree, to_jsonable
-    from train.trainer import load_checkpoint
+    from autoperi_jax.checkpoint import load_checkpoint, save_pytree, to_jsonable
 
     t_start = time.perf_counter()
     workdir = Path(workdir)

@@ -42,6 +42,13 @@ import ml_collections
 import numpy as np
 import optax
 
+from autoperi_jax.checkpoint import (
+    CHECKPOINT_FORMAT,
+    Checkpointer,
+    is_legacy,
+    load_checkpoint,
+    step_dirs,
+)
 from autoperi_jax.crystal import Crystal, random_rotation, write_structures
 from autoperi_jax.graph import (
     BatchIterator,
@@ -71,7 +78,6 @@ __all__ = [
     "build_model",
     "build_settings",
     "connectivity_metrics",
-    "load_checkpoint",
     "make_batch_iterator",
     "make_init_state",
     "make_optimizer",
@@ -175,100 +181,6 @@ def augment_graph(g: CrystalGraph, rng: np.random.Generator, rotate: bool, shift
     if rotate:
         cell = cell @ random_rotation(rng).T
     return g._replace(cell=cell, frac_coords=frac, shifts=shifts)
-
-
-# ------------------------------------------------------------------------ checkpoints
-CHECKPOINT_FORMAT = 2  # Checkpointer items state + meta; 1 = the legacy four-item layout
-
-
-def _step_dirs(root: Path) -> list[int]:
-    return sorted(int(d.name) for d in root.glob("*") if d.is_dir() and d.name.isdigit())
-
-
-def _is_legacy(step_dir: Path) -> bool:
-    """Format 1 (before `autoperi_jax.checkpoint.Checkpointer`): items ``state``,
-    ``config``, ``normalisers``, ``data`` instead of ``state`` + ``meta``."""
-    return (step_dir / "config").is_dir() and not (step_dir / "meta").exists()
-
-
-def _load_legacy(root: Path, step: int) -> dict[str, Any]:
-    """Reads a format-1 checkpoint (``Composite(state=StandardSave, config / normalisers /
-    data = JsonSave)``, e.g. runs written before the sharded trainer)."""
-    import orbax.checkpoint as ocp
-
-    from autoperi_jax.checkpoint import single_device_target
-
-    mngr = ocp.CheckpointManager(
-        root.absolute(),
-        options=ocp.CheckpointManagerOptions(create=False, read_only=True),
-        item_names=("state", "config", "normalisers", "data"),
-    )
-    try:
-        meta = mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                config=ocp.args.JsonRestore(),
-                normalisers=ocp.args.JsonRestore(),
-                data=ocp.args.JsonRestore(),
-            ),
-        )
-        target = single_device_target(root.absolute() / str(step) / "state")
-        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    finally:
-        mngr.close()
-    state = state["state"]
-    return {
-        "config": ml_collections.ConfigDict(meta["config"]),
-        "normalisers": meta["normalisers"],
-        "params": state["params"],
-        "raw_params": state["params"],
-        "step": int(state["step"]),
-        "data": meta["data"],
-        "format": 1,
-    }
-
-
-def load_checkpoint(workdir: str | Path, step: int | None = None) -> dict[str, Any]:
-    """Restores the latest (or ``step``) checkpoint of a run without a template (host).
-
-    Reads both layouts: format 2 (`autoperi_jax.checkpoint.Checkpointer`: ``state`` =
-    ``{params, opt_state, step, [ema_params], nonfinite...}``, ``meta`` = config,
-    normalisers, data-iterator position) and format 1 of earlier runs. A corrupt latest
-    step falls back to the previous one with a warning.
-
-    Returns:
-      dict with ``config`` (ConfigDict), ``normalisers``, ``params`` (the EMA parameters
-      when the run kept them: the ones to use for inference), ``raw_params`` (the
-      optimiser's), ``step``, ``data`` (iterator position) and ``format``.
-    """
-    from autoperi_jax.checkpoint import Checkpointer
-
-    root = Path(workdir) / "checkpoints"
-    steps = _step_dirs(root) if root.is_dir() else []
-    if step is not None:
-        steps = [s for s in steps if s <= step]
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint in {root}")
-    if _is_legacy(root / str(steps[-1])):
-        return _load_legacy(root, steps[-1])
-    ck = Checkpointer(root, best_metric=None, async_save=False)
-    try:
-        out = ck.restore(None, steps[-1])
-    finally:
-        ck.close()
-    if out is None:
-        raise FileNotFoundError(f"no readable checkpoint in {root}")
-    state, meta, got = out
-    params = state.get("ema_params", state["params"])
-    return {
-        "config": ml_collections.ConfigDict(meta["config"]),
-        "normalisers": meta["normalisers"],
-        "params": params,
-        "raw_params": state["params"],
-        "step": int(got),
-        "data": meta["data"],
-        "format": int(meta.get("format", CHECKPOINT_FORMAT)),
-    }
 
 
 # ------------------------------------------------------------------------ evaluation
@@ -767,10 +679,8 @@ def _load_data(config: ml_collections.ConfigDict, progress: bool):
 
 def _open_checkpoints(config: ml_collections.ConfigDict, ckpt_dir: Path, eval_on: bool):
     """The run's `Checkpointer`: last ``keep_checkpoints`` + best ``val_loss``."""
-    from autoperi_jax.checkpoint import Checkpointer
-
-    steps = _step_dirs(ckpt_dir) if ckpt_dir.is_dir() else []
-    if steps and _is_legacy(ckpt_dir / str(steps[-1])):
+    steps = step_dirs(ckpt_dir) if ckpt_dir.is_dir() else []
+    if steps and is_legacy(ckpt_dir / str(steps[-1])):
         raise ValueError(
             f"{ckpt_dir} holds checkpoints of the format-1 layout; `load_checkpoint` reads "
             "them, but training resumes only format-2 runs: use a new workdir"
