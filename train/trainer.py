@@ -42,6 +42,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from autoperi_jax import physics
 from autoperi_jax.checkpoint import (
     CHECKPOINT_FORMAT,
     Checkpointer,
@@ -351,15 +352,13 @@ def reconstruct_dataset(
 def make_phys_fn(
     config: ml_collections.ConfigDict, cells: np.ndarray
 ) -> Callable[..., dict[str, jax.Array]]:
-    """The batched physics losses of `autoperi_jax.physics` used for ``beta_phys * L_phys``.
+    """`autoperi_jax.physics.make_objective_fn` with the settings of ``config.physics``.
 
     ``config.physics``: ``potential`` (``'lj'`` / ``'morse'``: UFF, Rappe et al. 1992;
-    ``'soft_sphere'``: covalent-radius repulsion), ``cutoff`` [A], ``chem_cutoff`` [A],
-    ``weights`` = (w_energy, w_stability, w_chem) (a zero weight skips that term, e.g. the
-    phonon Hessian), ``mp_grid`` (q-points: Gamma + Monkhorst-Pack grid), ``en_weight``,
-    ``stability_tolerance`` [THz^2], ``energy_reference`` (subtract the true structure's
-    energy per atom, so L_energy measures the excess energy of the decoded structure) and
-    ``chem_reference`` (target coordination numbers = those of the true structure).
+    ``'soft_sphere'``: covalent-radius repulsion), ``cutoff`` [A], ``mp_grid`` (q-points:
+    Gamma + Monkhorst-Pack grid) and the `PhysicsObjective` fields ``weights``,
+    ``chem_cutoff``, ``en_weight``, ``stability_tolerance``, ``energy_reference``,
+    ``chem_reference``.
 
     Args:
       config: the run config.
@@ -367,72 +366,34 @@ def make_phys_fn(
         the cutoff for the smallest cell height; `physics.n_images_for_cutoff`).
 
     Returns:
-      ``phys_fn(cell [G, 3, 3], frac [G, A, 3], numbers [G, A], mask [G, A], ref_frac
-      [G, A, 3]) -> {"total", "energy", "stability", "chem"}``, each [G] (per structure;
-      0 for padding graphs); the signature `autoperi_jax.model.make_loss_fn` expects.
+      ``phys_fn`` (`make_objective_fn`), the signature `autoperi_jax.model.make_loss_fn`
+      expects.
     """
-    from autoperi_jax import physics
-
     pc = config.physics
-    kind = pc.potential
-    if kind == "lj":
-        pot = physics.uff_lennard_jones(cutoff=pc.cutoff)
-    elif kind == "morse":
-        pot = physics.uff_morse(cutoff=pc.cutoff)
-    elif kind == "soft_sphere":
-        pot = physics.covalent_soft_sphere()
-    else:
-        raise ValueError(f"config.physics.potential must be lj, morse or soft_sphere: {kind}")
-    w_e, w_s, w_c = (float(w) for w in pc.weights)
-    n_images = physics.n_images_for_cutoff(cells, max(pot.cutoff, pc.chem_cutoff))
-    qpoints = jnp.asarray(physics.gamma_and_mp_grid(tuple(pc.mp_grid)), jnp.float32)
-
-    def one(cell, frac, numbers, mask, ref):
-        n = jnp.maximum(jnp.sum(mask), 1).astype(frac.dtype)
-        zero = jnp.zeros((), frac.dtype)
-        out = {"energy": zero, "stability": zero, "chem": zero}
-        if w_e:
-            e = physics.energy(cell, frac, numbers, mask, potential=pot, n_images=n_images)
-            if pc.energy_reference:
-                e = e - physics.energy(cell, ref, numbers, mask, potential=pot, n_images=n_images)
-            out["energy"] = e / n
-        if w_s:
-            out["stability"] = physics.stability_loss(
-                cell, frac, numbers, mask, qpoints, potential=pot, n_images=n_images,
-                tolerance=pc.stability_tolerance,
-            )  # fmt: skip
-        if w_c:
-            ideal = None
-            if pc.chem_reference:
-                ideal = physics.coordination_numbers(
-                    cell, ref, numbers, mask, n_images=n_images, cutoff=pc.chem_cutoff
-                ).cn
-            out["chem"] = physics.chem_loss(
-                cell, frac, numbers, mask, ideal, n_images=n_images, cutoff=pc.chem_cutoff,
-                en_weight=pc.en_weight,
-            )  # fmt: skip
-        out["total"] = w_e * out["energy"] + w_s * out["stability"] + w_c * out["chem"]
-        return out
-
-    def safe_one(cell, frac, numbers, mask, ref):
-        # Padding graphs have no atoms (the phonon term is NaN there): evaluate a lone H
-        # atom in a 10 A cell instead and return zeros (double-where: finite gradients).
-        has = jnp.any(mask)
-        first = jnp.arange(mask.shape[0]) == 0
-        out = one(
-            jnp.where(has, cell, 10.0 * jnp.eye(3, dtype=cell.dtype)),
-            frac,
-            jnp.where(has, numbers, first.astype(numbers.dtype)),
-            jnp.where(has, mask, first),
-            ref,
+    if pc.potential not in _POTENTIALS:
+        raise ValueError(
+            f"config.physics.potential must be lj, morse or soft_sphere: {pc.potential}"
         )
-        return {k: jnp.where(has, v, 0.0) for k, v in out.items()}
+    pot = _POTENTIALS[pc.potential](pc.cutoff)
+    objective = physics.PhysicsObjective(
+        potential=pot,
+        n_images=physics.n_images_for_cutoff(cells, max(pot.cutoff, pc.chem_cutoff)),
+        qpoints=physics.gamma_and_mp_grid(tuple(pc.mp_grid)),
+        weights=tuple(float(w) for w in pc.weights),
+        chem_cutoff=pc.chem_cutoff,
+        en_weight=pc.en_weight,
+        stability_tolerance=pc.stability_tolerance,
+        energy_reference=bool(pc.energy_reference),
+        chem_reference=bool(pc.chem_reference),
+    )
+    return physics.make_objective_fn(objective)
 
-    def phys_fn(cell, frac, numbers, mask, ref_frac):
-        ref = jax.lax.stop_gradient(ref_frac)
-        return jax.vmap(safe_one)(cell, frac, numbers, mask, ref)
 
-    return phys_fn
+_POTENTIALS = {
+    "lj": lambda cutoff: physics.uff_lennard_jones(cutoff=cutoff),
+    "morse": lambda cutoff: physics.uff_morse(cutoff=cutoff),
+    "soft_sphere": lambda cutoff: physics.covalent_soft_sphere(),
+}
 
 
 def _ema_decay(decay: float, step: jax.Array) -> jax.Array:
