@@ -24,17 +24,14 @@ shrink z to inflate log p.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import math
 import signal
 import threading
 import time
-import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +39,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from autoperi_jax import physics
+from autoperi_jax import physics, reconstruct
 from autoperi_jax.checkpoint import (
     CHECKPOINT_FORMAT,
     Checkpointer,
@@ -50,99 +47,28 @@ from autoperi_jax.checkpoint import (
     load_checkpoint,
     step_dirs,
 )
-from autoperi_jax.crystal import Crystal, random_rotation, write_structures
-from autoperi_jax.graph import (
-    BatchIterator,
-    CrystalGraph,
-    GraphSettings,
-    batch_graphs,
-    make_buckets,
-    rewrap,
-    select_bucket,
-)
-from autoperi_jax.model import (
-    ModelSettings,
-    compute_normalisers,
-    decoded_bonds,
-    decoded_to_crystals,
-    init_params,
-    make_loss_fn,
-    make_reconstruct_fn,
-)
+from autoperi_jax.crystal import Crystal, random_rotation
+from autoperi_jax.graph import BatchIterator, CrystalGraph, make_buckets, rewrap
+from autoperi_jax.model import ModelSettings, compute_normalisers, init_params, make_loss_fn
 from autoperi_jax.nn import Autoencoder
-from autoperi_jax.sampling import SamplerSettings, decoding_settings
+from autoperi_jax.reconstruct import ordered_batches, reconstruct_dataset
+from autoperi_jax.run_config import build_model, build_settings, load_split
+from eval.metrics import smact_validity
 from eval.protocol import CDVAE_MATCHER
 
 __all__ = [
-    "Reconstruction",
-    "bond_graph",
-    "build_model",
-    "build_settings",
-    "connectivity_metrics",
+    "augment_graph",
     "make_batch_iterator",
     "make_init_state",
     "make_optimizer",
     "make_phys_fn",
     "make_train_step",
     "match_metrics",
-    "reconstruct_dataset",
-    "reconstruct_run",
     "train_and_evaluate",
 ]
 
 
 # ---------------------------------------------------------------------------- builders
-def build_model(config: ml_collections.ConfigDict) -> Autoencoder:
-    """The `Autoencoder` described by ``config.model`` (its fields, by name)."""
-    fields = {f.name for f in dataclasses.fields(Autoencoder)} - {"parent", "name"}
-    kwargs = {k: v for k, v in config.model.to_dict().items() if k in fields}
-    unknown = set(config.model.to_dict()) - fields
-    if unknown:
-        raise ValueError(f"unknown config.model fields: {sorted(unknown)}")
-    return Autoencoder(**kwargs)
-
-
-def build_settings(config: ml_collections.ConfigDict) -> ModelSettings:
-    """`ModelSettings` from ``config.objective``; cutoffs and ``max_atoms`` come from the
-    model so the two cannot disagree."""
-    kwargs = dict(config.objective.to_dict())
-    kwargs.update(
-        max_atoms=config.model.max_atoms,
-        flow_cutoff=config.model.dec_cutoff,
-        connect_cutoff=config.model.connect_cutoff,
-    )
-    return ModelSettings(**kwargs)
-
-
-def graph_settings(config: ml_collections.ConfigDict) -> GraphSettings:
-    return GraphSettings(cutoff=config.data.cutoff, max_neighbors=config.data.max_neighbors)
-
-
-def load_split(config: ml_collections.ConfigDict, split: str, progress: bool = True):
-    """`load_dataset` of ``config.data.dataset`` and ``split`` with the config's graph."""
-    from autoperi_jax.datasets import load_dataset
-
-    ds = load_dataset(
-        config.data.dataset,
-        split=split,
-        settings=graph_settings(config),
-        properties=list(config.data.properties),
-        data_dir=config.data.get("data_dir"),
-        cache_dir=config.data.get("cache_dir"),
-        progress=progress,
-    )
-    limit = config.data.get(f"limit_{split}")
-    if limit:
-        ds.graphs, ds.ids = ds.graphs[:limit], ds.ids[:limit]
-    too_big = [i for i, g in enumerate(ds.graphs) if len(g.numbers) > config.model.max_atoms]
-    if too_big:
-        raise ValueError(
-            f"{len(too_big)} structures of {config.data.dataset}:{split} have more than "
-            f"model.max_atoms={config.model.max_atoms} atoms (first: {ds.ids[too_big[0]]})"
-        )
-    return ds
-
-
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
     """Global-norm gradient clipping, then AdamW (default) or SGD, with a linear warm-up +
     cosine decay schedule (Loshchilov and Hutter, ICLR 2019 / 2017).
@@ -191,161 +117,13 @@ def match_metrics(
     tolerances: dict[str, float] | None = None,
     check_composition: bool = True,
 ) -> dict[str, float]:
-    """Quick CDVAE-protocol reconstruction check (pymatgen StructureMatcher).
-
-    Match rate = matched valid predictions / references; RMSE = mean normalised RMS
-    distance over matches. Validity is structural (all distances >= 0.5 A, volume >=
-    0.1 A^3) and, when ``check_composition`` and the eval package is importable, the
-    SMACT 2.x rule of `eval.metrics.smact_validity`; `autoperi eval --task recon` is
-    the reference implementation.
-
-    Returns:
-      dict: ``match_rate``, ``rmse``, ``valid_rate``, ``n``, plus ``match_rate_any``
-      (ignoring validity) and ``composition_checked`` (1.0 if SMACT was applied).
-    """
-    from pymatgen.analysis.structure_matcher import StructureMatcher
-
-    tol = dict(CDVAE_MATCHER if tolerances is None else tolerances)
-    matcher = StructureMatcher(**tol)
-    smact = None
-    if check_composition:
-        try:
-            from eval.metrics import smact_validity as smact
-        except ImportError:
-            smact = None
-    rms, valid, any_match = [], [], []
-    for p, r in zip(preds, refs):
-        ok = p.volume >= 0.1 and (p.num_atoms < 2 or p.min_distance() >= 0.5)
-        if smact is not None:
-            ok = ok and smact(p.numbers.tolist())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                d = matcher.get_rms_dist(p.to_pymatgen(), r.to_pymatgen())
-            except Exception:
-                d = None
-        valid.append(ok)
-        any_match.append(d is not None)
-        rms.append(d[0] if (d is not None and ok) else np.nan)
-    rms = np.asarray(rms, float)
-    m = np.isfinite(rms)
-    n = max(len(refs), 1)
-    return {
-        "match_rate": float(m.sum() / n),
-        "rmse": float(rms[m].mean()) if m.any() else float("nan"),
-        "valid_rate": float(np.mean(valid)) if valid else 0.0,
-        "match_rate_any": float(np.sum(any_match) / n),
-        "composition_checked": float(smact is not None),
-        "n": float(len(refs)),
-    }
-
-
-def bond_graph(crystal: Crystal, cutoff: float, tolerance: float) -> set[tuple[int, ...]]:
-    """Edges (i, j, k_x, k_y, k_z) of the covalent-radius bond criterion of
-    `autoperi_jax.model.bond_targets` within ``cutoff`` (host)."""
-    from autoperi_jax.elements import COVALENT_RADIUS
-    from autoperi_jax.graph import neighbor_list
-
-    recv, send, shifts, dist = neighbor_list(crystal.frac_coords, crystal.cell, cutoff)
-    r = np.asarray(COVALENT_RADIUS)[crystal.numbers]
-    ok = dist < (1.0 + tolerance) * (r[recv] + r[send])
-    return {(int(i), int(j), *map(int, k)) for i, j, k in zip(recv[ok], send[ok], shifts[ok])}
-
-
-def connectivity_metrics(
-    preds: Sequence[Crystal],
-    bonds: Sequence[dict[str, np.ndarray]],
-    refs: Sequence[Crystal],
-    cutoff: float,
-    tolerance: float,
-) -> dict[str, float]:
-    """How well the decoded periodic bonds are reconstructed.
-
-    * ``bond_f1``: F1 of the decoder's bonds (i, j, k_ij) against the bond criterion
-      applied to the decoded geometry (does the connectivity head read its own structure
-      right);
-    * ``coordination_match``: share of crystals whose multiset of (species, number of
-      decoded bonds) equals that of the reference crystal's bond graph (order and origin
-      free, so it compares with the reference directly).
-    """
-    tp = fp = fn = 0
-    same = []
-    for p, b, r in zip(preds, bonds, refs):
-        got = {
-            (int(i), int(j), *map(int, k))
-            for i, j, k in zip(b["receivers"], b["senders"], b["shifts"])
-        }
-        want = bond_graph(p, cutoff, tolerance)
-        tp += len(got & want)
-        fp += len(got - want)
-        fn += len(want - got)
-        cn_p = np.bincount(np.asarray(b["receivers"], int), minlength=p.num_atoms)
-        ref_edges = bond_graph(r, cutoff, tolerance)
-        cn_r = np.bincount([e[0] for e in ref_edges], minlength=r.num_atoms)
-        same.append(
-            sorted(zip(p.numbers.tolist(), cn_p.tolist()))
-            == sorted(zip(r.numbers.tolist(), cn_r.tolist()))
-        )
-    f1 = 2 * tp / max(2 * tp + fp + fn, 1)
-    return {"bond_f1": float(f1), "coordination_match": float(np.mean(same)) if same else 0.0}
-
-
-def _ordered_batches(graphs: Sequence[CrystalGraph], batch_size: int) -> Iterable[tuple[Any, int]]:
-    """Padded batches in dataset order (last one partly empty); yields (batch, count)."""
-    n_node = np.array([len(g.numbers) for g in graphs])
-    n_edge = np.array([len(g.senders) for g in graphs])
-    buckets = make_buckets(n_node, n_edge, batch_size, num_buckets=1)
-    for start in range(0, len(graphs), batch_size):
-        chunk = list(graphs[start : start + batch_size])
-        budget = select_bucket(
-            buckets,
-            int(sum(len(g.numbers) for g in chunk)),
-            int(sum(len(g.senders) for g in chunk)),
-            len(chunk),
-        )
-        yield batch_graphs(chunk, budget), len(chunk)
-
-
-def reconstruct_dataset(
-    model: Autoencoder,
-    settings: ModelSettings,
-    normalisers: dict[str, Any],
-    params: Any,
-    graphs: Sequence[CrystalGraph],
-    names: Sequence[str],
-    batch_size: int = 256,
-    seed: int = 0,
-    progress: bool = False,
-    bonds: list | None = None,
-    **teacher: bool,
-) -> tuple[list[Crystal], float]:
-    """Encodes and decodes every graph, in order.
-
-    Args:
-      bonds: if a list is given, the decoded bonds of every crystal are appended to it
-        (`autoperi_jax.model.decoded_bonds`).
-
-    Returns:
-      The decoded crystals (same order as ``graphs``) and the wall time in seconds
-      (including compilation).
-    """
-    from tqdm import tqdm
-
-    fn = jax.jit(make_reconstruct_fn(model, settings, normalisers, **teacher))
-    key = jax.random.PRNGKey(seed)
-    out: list[Crystal] = []
-    t0 = time.perf_counter()
-    batches = _ordered_batches(graphs, batch_size)
-    total = math.ceil(len(graphs) / batch_size)
-    for b, (batch, count) in enumerate(tqdm(batches, total=total, disable=not progress)):
-        decoded = fn(params, batch, jax.random.fold_in(key, b))
-        start = len(out)
-        out.extend(
-            decoded_to_crystals(decoded, batch.globals["mask"], names[start : start + count])
-        )
-        if bonds is not None:
-            bonds.extend(decoded_bonds(decoded, batch.globals["mask"]))
-    return out, time.perf_counter() - t0
+    """`autoperi_jax.reconstruct.match_metrics` with the protocol's defaults: CDVAE's
+    matcher tolerances and the SMACT 2.x composition rule (`eval.metrics.smact_validity`,
+    unless ``check_composition`` is off); `autoperi eval --task recon` is the reference."""
+    tol = CDVAE_MATCHER if tolerances is None else tolerances
+    return reconstruct.match_metrics(
+        preds, refs, tol, smact_validity if check_composition else None
+    )
 
 
 # -------------------------------------------------------------------------- training
@@ -752,7 +530,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     tx, schedule = make_optimizer(config)
     ema_decay = float(config.get("ema_decay", 0.0))
     init_key, train_key, eval_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-    example = next(iter(_ordered_batches(train_ds.graphs[:2], 2)))[0]
+    example = next(iter(ordered_batches(train_ds.graphs[:2], 2)))[0]
     init_state = make_init_state(model, settings, tx, ema_decay)
 
     rep = parallel.replicated(mesh)
@@ -968,7 +746,7 @@ def _evaluate(config, model, settings, normalisers, params, val_ds, eval_loss, k
     out: dict[str, Any] = {}
     hist = []
     graphs = val_ds.graphs
-    for b, (batch, _) in enumerate(_ordered_batches(graphs, config.batch_size)):
+    for b, (batch, _) in enumerate(ordered_batches(graphs, config.batch_size)):
         if b >= config.eval_batches:
             break
         _, m = eval_loss(params, batch, jax.random.fold_in(key, b))
@@ -983,77 +761,3 @@ def _evaluate(config, model, settings, normalisers, params, val_ds, eval_loss, k
         out.update({f"recon_{k}": v for k, v in match_metrics(preds, refs).items()})
         out["recon_time_s"] = secs
     return out
-
-
-class Reconstruction(NamedTuple):
-    """What `reconstruct_run` returns."""
-
-    preds: list[Crystal]  # decoded crystals, split order
-    refs: list[Crystal]  # the split's crystals
-    seconds: float  # wall time of encoding + decoding
-    bonds: list[dict[str, np.ndarray]]  # decoded bonds per crystal
-    settings: ModelSettings  # the decoding settings used
-
-
-def reconstruct_run(
-    workdir: str | Path,
-    split: str = "test",
-    out: str | Path | None = None,
-    batch_size: int = 256,
-    seed: int = 0,
-    num_steps: int | None = None,
-    limit: int | None = None,
-    progress: bool = True,
-    prior_noise: float | None = 0.0,
-) -> Reconstruction:
-    """Reconstructs a split with a trained run; writes ``out`` (extxyz) in split order.
-
-    Args:
-      workdir: a training run (its latest checkpoint), or an inference bundle folder
-        holding ``meta.json`` (``RUN/flow/model``, `autoperi_jax.api.pretrained_path`):
-        then the bundle's autoencoder and its training dataset are used.
-      split, out, batch_size, seed, num_steps, limit, progress: as the CLI options.
-      prior_noise: std (fractional) of the noise around the coordinate guess where the
-        decoding flow starts; ``None`` = the training value (``ModelSettings.prior_noise``,
-        0.03 for Perov-5). Default 0: deterministic decoding from the guess itself, the
-        mean of the training start distribution. Perov-5 validation (first 1,000
-        crystals, shipped model, 5 steps): RMSE 0.0190 at 0 vs 0.0235 at 0.03, the same
-        match rate.
-    """
-    workdir = Path(workdir)
-    if (workdir / "meta.json").exists():
-        from autoperi_jax.api import load
-        from autoperi_jax.datasets import load_dataset
-
-        gen = load(workdir)
-        model, settings, normalisers = gen.model, gen.settings, gen.normalisers
-        params = gen.params["autoencoder"]
-        ds = load_dataset(
-            gen.meta["autoencoder"]["dataset"],
-            split=split,
-            settings=GraphSettings(cutoff=gen.graph_cutoff, max_neighbors=gen.graph_max_neighbors),
-            progress=progress,
-        )
-        if limit:
-            ds.graphs, ds.ids = ds.graphs[:limit], ds.ids[:limit]
-    else:
-        ckpt = load_checkpoint(workdir)
-        config = ckpt["config"]
-        model, settings = build_model(config), build_settings(config)
-        normalisers, params = ckpt["normalisers"], ckpt["params"]
-        if limit is not None:
-            with config.unlocked():
-                config.data[f"limit_{split}"] = limit
-        ds = load_split(config, split, progress)
-    # the sampler's overrides, applied the same way (None keeps the trained value)
-    overrides = SamplerSettings(num_steps=num_steps, prior_noise=prior_noise)
-    settings = decoding_settings(settings, overrides)
-    bonds: list[dict[str, np.ndarray]] = []
-    preds, secs = reconstruct_dataset(
-        model, settings, normalisers, params, ds.graphs, ds.ids, batch_size, seed, progress,
-        bonds=bonds,
-    )  # fmt: skip
-    if out is not None:
-        write_structures(preds, out)
-    refs = [ds.crystal(i) for i in range(len(ds))]
-    return Reconstruction(preds, refs, secs, bonds, settings)
