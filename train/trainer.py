@@ -2,32 +2,30 @@
 
 ``train_and_evaluate(config, workdir)`` (flax-examples style; ``autoperi train``): load the
 dataset, compute normalisers, build `autoperi_jax.nn.Autoencoder`, and train the loss
-``L_recon + beta_phys L_phys`` (`autoperi_jax.model.make_loss_fn`, `make_phys_fn`) with
-gradient clipping + AdamW (or SGD), linear warm-up + cosine decay and an optional EMA of
-the parameters. Data parallel with `jax.jit` + `NamedSharding` over a device mesh
-(`train.parallel`): state from `jax.eval_shape` + ``out_shardings``, a donated step, the
-batch sharded on the ``data`` axis, every process building its own shards; multi-host via
-`jax.distributed.initialize` (`train.parallel.maybe_initialize_distributed`, called by the
-CLI). Metrics go to ``metrics.jsonl`` and TensorBoard event files with a tqdm bar; the
-validation split is evaluated every ``eval_every`` steps (or epoch); Orbax checkpoints
-(`autoperi_jax.checkpoint.Checkpointer`: last N + best on validation, async; state +
-config + normalisers + data-iterator position) are written every ``checkpoint_every``
-steps and on SIGTERM / SIGINT. Running the same command again resumes bit for bit: step
-keys are ``jax.random.fold_in(key, step)`` and the batch order a function of (seed,
-position). Non-finite steps are skipped inside the jitted step and counted; too many in a
-row stop the run.
+``L_recon + beta_phys L_phys`` (`autoperi_jax.model.make_loss_fn`; `make_phys_fn` adapts
+``config.physics`` to `autoperi_jax.physics.make_objective_fn`) with the optimizer, train
+step and loop of `train.loop` (gradient clipping + AdamW or SGD, warm-up + cosine decay,
+optional EMA; non-finite steps skipped). Data parallel with `jax.jit` + `NamedSharding`
+over a device mesh (`train.parallel`): state from `jax.eval_shape` + ``out_shardings``, a
+donated step, the batch sharded on the ``data`` axis, every process building its own
+shards; multi-host via `jax.distributed.initialize` (called by the CLI). Metrics go to
+``metrics.jsonl`` and TensorBoard event files with a tqdm bar; the validation split is
+evaluated every ``eval_every`` steps (or epoch), with the quick match rate of
+`autoperi_jax.reconstruct`; Orbax checkpoints (`autoperi_jax.checkpoint.Checkpointer`:
+last N + best on validation, async; state + config + normalisers + data-iterator
+position) are written every ``checkpoint_every`` steps and on SIGTERM / SIGINT. Running
+the same command again resumes bit for bit: step keys are ``jax.random.fold_in(key,
+step)`` and the batch order a function of (seed, position).
 
 The latent flow (``alpha L_gen``) is a second stage on the frozen encoder's z
-(`train.flow_stage`): a deterministic encoder trained jointly with a likelihood on z could
-shrink z to inflate log p.
+(`train.flow_stage`, trained by the same loop): a deterministic encoder trained jointly
+with a likelihood on z could shrink z to inflate log p.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,6 +53,19 @@ from autoperi_jax.reconstruct import ordered_batches, reconstruct_dataset
 from autoperi_jax.run_config import build_model, build_settings, load_split
 from eval.metrics import smact_validity
 from eval.protocol import CDVAE_MATCHER
+from train import parallel
+from train.loop import (
+    Logger,
+    LoopResult,
+    LoopSettings,
+    initial_state,
+    make_optimizer,
+    make_train_step,
+    mean_metrics,
+    restore_state,
+    run_loop,
+    sync,
+)
 
 __all__ = [
     "augment_graph",
@@ -66,36 +77,6 @@ __all__ = [
     "match_metrics",
     "train_and_evaluate",
 ]
-
-
-# ---------------------------------------------------------------------------- builders
-def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
-    """Global-norm gradient clipping, then AdamW (default) or SGD, with a linear warm-up +
-    cosine decay schedule (Loshchilov and Hutter, ICLR 2019 / 2017).
-
-    ``config.optimizer``: ``'adamw'`` (weight decay ``config.weight_decay``) or ``'sgd'``
-    (momentum ``config.momentum``, default none: an update linear in the gradient, used to
-    compare device counts exactly; Adam's per-parameter normalisation amplifies float32
-    summation-order noise in near-zero gradients).
-
-    Returns:
-      ``(tx, schedule)``.
-    """
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        decay_steps=max(config.num_train_steps, config.warmup_steps + 1),
-        end_value=config.learning_rate * config.final_lr_fraction,
-    )
-    kind = config.get("optimizer", "adamw")
-    if kind == "adamw":
-        opt = optax.adamw(schedule, weight_decay=config.weight_decay)
-    elif kind == "sgd":
-        opt = optax.sgd(schedule, momentum=config.get("momentum", None) or None)
-    else:
-        raise ValueError(f"config.optimizer must be 'adamw' or 'sgd': {kind!r}")
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip), opt), schedule
 
 
 # ----------------------------------------------------------------------- augmentation
@@ -174,90 +155,6 @@ _POTENTIALS = {
 }
 
 
-def _ema_decay(decay: float, step: jax.Array) -> jax.Array:
-    """EMA decay with the usual warm-up min(decay, (1 + t) / (10 + t)) (TensorFlow's
-    ExponentialMovingAverage with ``num_updates``), so early averages are not dominated
-    by the random initialisation."""
-    t = step.astype(jnp.float32)
-    return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
-
-
-def make_train_step(
-    loss_fn: Callable,
-    tx: optax.GradientTransformation,
-    schedule: Callable | None = None,
-    ema_decay: float = 0.0,
-) -> Callable:
-    """Pure train step ``(state, batch, key) -> (state, metrics)`` with a non-finite guard.
-
-    ``state`` is ``{"params", "opt_state", "step"}`` plus, optionally, ``"ema_params"``
-    (EMA of the parameters, updated with ``ema_decay``) and the counters ``"nonfinite"``
-    (consecutive non-finite steps) and ``"nonfinite_total"``. The step's randomness is
-    ``fold_in(key, step)``, so a resumed run replays the same randomness. A step whose
-    loss or gradients are not finite leaves params, optimiser state and EMA unchanged
-    (``jnp.where`` on the finite flag) but still advances ``step`` (one batch consumed).
-    Not jitted here (the caller chooses jit / shardings, `train.parallel.jit_train_step`).
-
-    Returns:
-      ``train_step``; its metrics are those of ``loss_fn`` plus ``grad_norm``,
-      ``grads_finite``, ``skipped`` (1.0 for a skipped step), ``lr`` and, with the
-      counters in the state, ``nonfinite_run`` / ``nonfinite_total``.
-    """
-
-    def train_step(state, batch, key):
-        step = state["step"]
-        step_key = jax.random.fold_in(key, step)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], batch, step_key
-        )
-        grads_finite = jnp.all(
-            jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
-        )
-        finite = grads_finite & jnp.isfinite(loss)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        new = {"params": params, "opt_state": opt_state}
-        if "ema_params" in state:
-            d = _ema_decay(ema_decay, step)
-            new["ema_params"] = jax.tree.map(
-                lambda e, p: d * e + (1.0 - d) * p, state["ema_params"], params
-            )
-        old = {k: state[k] for k in new}
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new["step"] = step + 1
-        metrics = dict(metrics)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        metrics["grads_finite"] = grads_finite.astype(jnp.float32)
-        metrics["skipped"] = (~finite).astype(jnp.float32)
-        if "nonfinite" in state:
-            bad = (~finite).astype(jnp.int32)
-            new["nonfinite"] = jnp.where(finite, 0, state["nonfinite"] + 1)
-            new["nonfinite_total"] = state["nonfinite_total"] + bad
-            metrics["nonfinite_run"] = new["nonfinite"]
-            metrics["nonfinite_total"] = new["nonfinite_total"]
-        if schedule is not None:
-            metrics["lr"] = schedule(step)
-        return new, metrics
-
-    return train_step
-
-
-def _mean_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
-    """Means over the logged steps; skipped (non-finite) steps are left out of every
-    mean and counted in ``skipped``; counters keep their last value."""
-    keys = history[0].keys()
-    good = [h for h in history if not float(h.get("skipped", 0.0))] or history
-    out = {}
-    for k in keys:
-        if k == "skipped":
-            out[k] = float(sum(float(h[k]) for h in history))
-        elif k.startswith("nonfinite"):
-            out[k] = float(history[-1][k])
-        else:
-            out[k] = float(np.mean([float(h[k]) for h in good]))
-    return out
-
-
 def _num_shards(config: ml_collections.ConfigDict, n_devices: int, n_processes: int) -> int:
     """Shards of the global batch: ``config.num_shards`` (0 = one per device), a multiple
     of the device count. Fix it to compare runs on different device counts: the padding
@@ -269,78 +166,6 @@ def _num_shards(config: ml_collections.ConfigDict, n_devices: int, n_processes: 
             f"{n_processes} processes) and divide batch_size={config.batch_size}"
         )
     return n
-
-
-class _StopRequest:
-    """SIGTERM / SIGINT set a flag that the train loop polls (it then saves and exits
-    cleanly); a second SIGINT raises KeyboardInterrupt. Only in the main thread."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def _handler(self, signum, frame) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __enter__(self) -> _StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def requested(self, step: int, sync_every: int) -> bool:
-        """Whether to stop now; with several processes the flags are combined every
-        ``sync_every`` steps (every process must stop at the same step)."""
-        if jax.process_count() == 1:
-            return self.signal is not None
-        if step % sync_every:
-            return False
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.int32(self.signal is not None))
-        return bool(np.any(flags))
-
-
-class _Logger:
-    """metrics.jsonl + TensorBoard event files (tensorboardX), process 0 only."""
-
-    def __init__(self, workdir: Path, enabled: bool, tensorboard: bool = True) -> None:
-        self.enabled = enabled
-        self.file = open(workdir / "metrics.jsonl", "a") if enabled else None
-        self.tb = None
-        if enabled and tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
-
-    def __call__(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record, default=float) + "\n")
-        self.file.flush()
-        if self.tb is not None and record.get("split") in ("train", "val"):
-            for k, v in record.items():
-                if k not in ("step", "split") and isinstance(v, int | float):
-                    self.tb.add_scalar(f"{record['split']}/{k}", v, record["step"])
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def make_init_state(
@@ -358,20 +183,6 @@ def make_init_state(
         return initial_state(init_params(model, example, settings, key), tx, ema_decay > 0)
 
     return init_state
-
-
-def initial_state(params: Any, tx: optax.GradientTransformation, ema: bool) -> dict[str, Any]:
-    """The train state of `make_init_state` around given ``params`` (the one layout)."""
-    state = {
-        "params": params,
-        "opt_state": tx.init(params),
-        "step": jnp.zeros((), jnp.int32),
-        "nonfinite": jnp.zeros((), jnp.int32),
-        "nonfinite_total": jnp.zeros((), jnp.int32),
-    }
-    if ema:
-        state["ema_params"] = jax.tree.map(jnp.copy, params)
-    return state
 
 
 def make_batch_iterator(
@@ -412,7 +223,7 @@ def _load_data(config: ml_collections.ConfigDict, progress: bool):
 
     lead = jax.process_index() == 0
     out = load() if lead else None
-    _sync("data")
+    sync("data")
     return out if lead else load()
 
 
@@ -430,18 +241,6 @@ def _open_checkpoints(config: ml_collections.ConfigDict, ckpt_dir: Path, eval_on
         best_metric="val_loss" if eval_on else None,
         async_save=bool(config.get("async_checkpoint", True)),
     )
-
-
-def _restore(ckpt, abstract: Any) -> tuple[Any, dict[str, Any], int]:
-    """Newest readable step onto the shardings of ``abstract`` (unreadable newer steps are
-    reported and deleted: the resumed run writes them again)."""
-    out = ckpt.restore(abstract, delete_unreadable=True)
-    if out is None:
-        raise RuntimeError(
-            f"no checkpoint in {ckpt.directory} is readable with this config (steps "
-            f"{ckpt.steps()}; was the model config changed?); use a new workdir"
-        )
-    return out
 
 
 def _init_from(
@@ -470,13 +269,44 @@ def _init_from(
             f"config.init_from={source} was trained with another model config (keys "
             f"{', '.join(diff)} differ); use its config.model values"
         )
-    from train import parallel
-
     params = jax.tree.map(jnp.asarray, ck["raw_params"])
     state = parallel.create_state(
         functools.partial(initial_state, tx=tx, ema=ema_decay > 0), mesh, params
     )
     return state, ck["normalisers"]
+
+
+def _start_state(
+    config: ml_collections.ConfigDict,
+    ckpt: Checkpointer,
+    it: BatchIterator,
+    abstract: Any,
+    fresh: Callable[[], Any],
+    normalisers: dict[str, Any],
+    tx: optax.GradientTransformation,
+    ema_decay: float,
+    mesh: Any,
+) -> tuple[Any, dict[str, Any], int | None]:
+    """The state to train from: the run's newest readable checkpoint (and the iterator
+    position and normalisers saved with it), else ``config.init_from``'s parameters
+    (`_init_from`), else ``fresh()``.
+
+    Returns:
+      ``(state, normalisers, restored_from)`` (``restored_from``: the resumed step or None).
+    """
+    lead = jax.process_index() == 0
+    if ckpt.steps():
+        state, saved, step = restore_state(ckpt, abstract)
+        it.restore(saved["data"])
+        if lead:
+            print(f"restored checkpoint at step {step} from {ckpt.directory}", flush=True)
+        return state, saved["normalisers"], step  # the restored parameters' normalisers
+    if config.get("init_from"):
+        state, normalisers = _init_from(config, Path(config.init_from), tx, ema_decay, mesh)
+        if lead:
+            print(f"initialised parameters from {config.init_from}", flush=True)
+        return state, normalisers, None
+    return fresh(), normalisers, None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
@@ -490,7 +320,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     every process builds only its own (`BatchIterator` with ``process_index``). Step keys
     are ``fold_in(train_key, step)`` and the iterator is a pure function of (seed,
     position), so re-running the same command resumes the same run bit for bit from the
-    newest readable checkpoint (a corrupt one is skipped with a warning).
+    newest readable checkpoint (a corrupt one is skipped with a warning). The loop is
+    `train.loop.run_loop`, shared with the latent-flow stage.
 
     Loss: ``L_recon + beta_phys L_phys`` (`autoperi_jax.model.make_loss_fn`, `make_phys_fn`);
     the latent flow's ``alpha L_gen`` is a separate second stage on frozen z (logged as
@@ -502,63 +333,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     Files: ``config.json``; ``metrics.jsonl`` (one JSON object per logged step:
     ``{"step", "split", "time_s", ...metrics}``, splits ``info`` / ``train`` / ``val``);
     ``tensorboard/`` (event files); ``checkpoints/`` (Orbax, last ``keep_checkpoints`` +
-    best ``val_loss``; `load_checkpoint`); ``summary.json``.
+    best ``val_loss``; `autoperi_jax.checkpoint.load_checkpoint`); ``summary.json``.
 
     Returns:
       ``{"train": last train record, "eval": last validation record, "summary": {...}}``.
     """
-    from tqdm import tqdm
-
-    from train import parallel
-
     t_start = time.perf_counter()
     workdir = Path(workdir)
     lead = jax.process_index() == 0
-    n_proc = jax.process_count()
     if lead:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    _sync("workdir")
+    sync("workdir")
     progress = bool(config.get("progress", True)) and lead
 
     train_ds, val_ds = _load_data(config, progress)
     mesh = parallel.make_mesh()
-    num_shards = _num_shards(config, mesh.size, n_proc)
+    num_shards = _num_shards(config, mesh.size, jax.process_count())
     it = make_batch_iterator(config, train_ds.graphs, num_shards)
-    model = build_model(config)
-    settings = build_settings(config)
+    model, settings = build_model(config), build_settings(config)
     tx, schedule = make_optimizer(config)
     ema_decay = float(config.get("ema_decay", 0.0))
     init_key, train_key, eval_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
     example = next(iter(ordered_batches(train_ds.graphs[:2], 2)))[0]
     init_state = make_init_state(model, settings, tx, ema_decay)
+    abstract = parallel.abstract_state(init_state, mesh, init_key, example)
+    eval_on, total = bool(config.eval_every), int(config.num_train_steps)
+    ckpt = _open_checkpoints(config, workdir / "checkpoints", eval_on)
+    state, normalisers, restored_from = _start_state(
+        config, ckpt, it, abstract,
+        functools.partial(parallel.create_state, init_state, mesh, init_key, example),
+        compute_normalisers(train_ds.graphs), tx, ema_decay, mesh,
+    )  # fmt: skip
 
-    rep = parallel.replicated(mesh)
-    abstract = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
-        jax.eval_shape(init_state, init_key, example),
-    )
-    eval_on = bool(config.eval_every)
-    ckpt_dir = workdir / "checkpoints"
-    ckpt = _open_checkpoints(config, ckpt_dir, eval_on)
-    normalisers = compute_normalisers(train_ds.graphs)
-    restored_from = None
-    if ckpt.steps():
-        state, saved, restored_from = _restore(ckpt, abstract)
-        it.restore(saved["data"])
-        normalisers = saved["normalisers"]  # those the restored parameters were trained with
-        if lead:
-            print(f"restored checkpoint at step {restored_from} from {ckpt_dir}", flush=True)
-    elif config.get("init_from"):
-        state, normalisers = _init_from(config, Path(config.init_from), tx, ema_decay, mesh)
-        if lead:
-            print(f"initialised parameters from {config.init_from}", flush=True)
-    else:
-        state = parallel.create_state(init_state, mesh, init_key, example)
-
-    beta = float(settings.beta_phys)
     phys_fn = None
-    if beta > 0:
+    if settings.beta_phys > 0:
         cells = np.stack([g.cell for g in train_ds.graphs + (val_ds.graphs if val_ds else [])])
         phys_fn = make_phys_fn(config, cells)
     loss_fn = make_loss_fn(model, settings, normalisers, phys_fn)
@@ -566,10 +375,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         make_train_step(parallel.sharded_loss(loss_fn), tx, schedule, ema_decay), mesh
     )
     eval_loss = jax.jit(loss_fn)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
 
-    def eval_params():
-        return jax.device_get(state["ema_params"] if ema_decay > 0 else state["params"])
+    def evaluate(state: dict[str, Any]) -> dict[str, Any]:
+        params = jax.device_get(state["ema_params"] if ema_decay > 0 else state["params"])
+        return _evaluate(config, model, settings, normalisers, params, val_ds, eval_loss, eval_key)
+
+    def eval_due(done: int) -> bool:
+        every = config.eval_every
+        return eval_on and (
+            (every > 0 and done % every == 0)
+            or (every < 0 and done % it.steps_per_epoch == 0)
+            or done == total
+        )
 
     def meta() -> dict[str, Any]:
         return {
@@ -579,146 +396,97 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             "format": CHECKPOINT_FORMAT,
         }
 
-    log = _Logger(workdir, lead, bool(config.get("tensorboard", True)))
+    log = Logger(workdir, lead, bool(config.get("tensorboard", True)))
     start_step = int(state["step"])
-    total = int(config.num_train_steps)
-    max_bad = int(config.get("max_nonfinite_steps", 10))
     log(
         {
             "step": start_step,
             "split": "info",
-            "num_params": n_params,
+            "num_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"])),
             "num_devices": mesh.size,
-            "num_processes": n_proc,
+            "num_processes": jax.process_count(),
             "num_shards": num_shards,
             "alpha_gen": 0.0,  # L_gen: second stage (latent flow on frozen z), not here
-            "beta_phys": beta,
+            "beta_phys": float(settings.beta_phys),
             "ema_decay": ema_decay,
             "resumed_from": restored_from,
             **normalisers,
         }
     )
-    history: list[dict[str, Any]] = []
-    last: dict[str, Any] = {}
-    shapes_seen: set[tuple[int, ...]] = set()
-    interrupted = None
-    t_first = t_loop = None
-    t_side = 0.0  # evaluation and checkpoint time inside the loop (not step time)
-    t0 = time.perf_counter()
-    prev: tuple[int, dict[str, Any]] | None = None
-
-    def check_finite(done: int, metrics: dict[str, Any]) -> None:
-        run = int(metrics["nonfinite_run"])
-        if run >= max_bad:
-            raise FloatingPointError(
-                f"training stopped at step {done}: {run} consecutive steps (steps "
-                f"{done - run + 1}..{done}) had a non-finite loss or gradient; they were "
-                f"skipped ({int(metrics['nonfinite_total'])} in total). The last good "
-                f"checkpoint is step {ckpt.latest_step()} in {ckpt_dir}."
-            )
-
-    bar = tqdm(
-        range(start_step, total), initial=start_step, total=total, disable=not progress,
-        desc="train",
-    )  # fmt: skip
     try:
-        with _StopRequest() as stop:
-            for step in bar:
-                local = next(it)
-                shapes_seen.add(tuple(local.nodes["mask"].shape) + local.edges["mask"].shape)
-                batch = parallel.global_batch(local, mesh)
-                state, metrics = train_step(state, batch, train_key)
-                done = step + 1
-                if t_first is None:
-                    jax.block_until_ready(state)
-                    t_first = time.perf_counter() - t0
-                    t_loop = time.perf_counter()
-                if prev is not None:  # one step late: keeps the device queue busy
-                    check_finite(*prev)
-                prev = (done, metrics)
-                history.append(metrics)
-                if done % config.log_every == 0 or done == total:
-                    check_finite(*prev)
-                    m = _mean_metrics(jax.device_get(history))
-                    history = []
-                    m.update(step=done, split="train", time_s=time.perf_counter() - t_start)
-                    m["epoch"] = done / it.steps_per_epoch
-                    log(m)
-                    last["train"] = m
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", coord=f"{m['l_coord']:.4f}")
-                evaluated = False
-                t_side_0 = time.perf_counter()
-                if eval_on and (
-                    (config.eval_every > 0 and done % config.eval_every == 0)
-                    or (config.eval_every < 0 and done % it.steps_per_epoch == 0)
-                    or done == total
-                ):
-                    last["eval"] = _evaluate(
-                        config, model, settings, normalisers, eval_params(), val_ds,
-                        eval_loss, eval_key,
-                    )  # fmt: skip
-                    last["eval"].update(
-                        step=done, split="val", time_s=time.perf_counter() - t_start
-                    )
-                    log(last["eval"])
-                    evaluated = True
-                stopping = stop.requested(done, int(config.get("signal_sync_every", 10)))
-                if evaluated or stopping or done % config.checkpoint_every == 0 or done == total:
-                    check_finite(*prev)
-                    metrics_ck = {"val_loss": last["eval"]["loss"]} if evaluated else None
-                    ckpt.save(done, state, meta(), metrics=metrics_ck)
-                t_side += time.perf_counter() - t_side_0
-                if stopping:
-                    interrupted = stop.signal if stop.signal is not None else -1
-                    if lead:
-                        print(f"stop requested: saved checkpoint at step {done}", flush=True)
-                    break
-            if prev is not None:
-                check_finite(*prev)
+        result = run_loop(
+            state, train_step, it, train_key, mesh, ckpt, meta, log,
+            _loop_settings(config, progress), t_start, evaluate, eval_due,
+        )  # fmt: skip
     finally:
-        bar.close()
         best_step = ckpt.best_step() if eval_on else None
         ckpt.close()
         log.close()
-
-    end_step = int(state["step"])
-    n_steps = end_step - start_step
-    wall = time.perf_counter() - t_start
-    loop_s = time.perf_counter() - t_loop - t_side if t_loop is not None else 0.0
-    step_s = loop_s / max(n_steps - 1, 1) if n_steps > 1 else float("nan")
-    summary = {
-        "workdir": str(workdir),
-        "start_step": start_step,
-        "end_step": end_step,
-        "num_train_steps": total,
-        "resumed_from": restored_from,
-        "interrupted": interrupted is not None,
-        "signal": interrupted,
-        "wall_s": wall,
-        "setup_s": t0 - t_start,
-        "first_step_s": t_first,
-        "step_s": step_s,
-        "crystals_per_s": config.batch_size / step_s if n_steps > 1 else float("nan"),
-        "epoch_s_estimate": it.steps_per_epoch * step_s if n_steps > 1 else float("nan"),
-        "steps_per_epoch": it.steps_per_epoch,
-        "batch_shapes": len(shapes_seen),
-        "num_devices": mesh.size,
-        "num_processes": n_proc,
-        "num_shards": num_shards,
-        "nonfinite_total": int(state["nonfinite_total"]),
-        "best_step": best_step,
-        "loss": "L_recon + beta_phys * L_phys (alpha * L_gen: separate latent-flow stage)",
-        "beta_phys": beta,
-        "ema_decay": ema_decay,
-        "last_train": last.get("train"),
-        "last_eval": last.get("eval"),
-    }
+    summary = _summary(config, workdir, result, it, mesh, num_shards, start_step, t_start)
+    summary.update(resumed_from=restored_from, best_step=best_step, ema_decay=ema_decay)
     if lead:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         if config.get("print_summary", True):
             _print_summary(summary)
-    last["summary"] = summary
-    return last
+    return {**result.last, "summary": summary}
+
+
+def _loop_settings(config: ml_collections.ConfigDict, progress: bool) -> LoopSettings:
+    """`LoopSettings` of an autoencoder run (best checkpoint: lowest ``val_loss``)."""
+    return LoopSettings(
+        num_steps=int(config.num_train_steps),
+        log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every,
+        max_nonfinite_steps=int(config.get("max_nonfinite_steps", 10)),
+        signal_sync_every=int(config.get("signal_sync_every", 10)),
+        best_metric=("val_loss", "loss"),
+        progress=progress,
+        postfix=(("loss", "loss"), ("coord", "l_coord")),
+    )
+
+
+def _summary(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    result: LoopResult,
+    it: BatchIterator,
+    mesh: Any,
+    num_shards: int,
+    start_step: int,
+    t_start: float,
+) -> dict[str, Any]:
+    """The run's ``summary.json`` (steps, timing, devices, last records); the keys
+    ``resumed_from``, ``best_step`` and ``ema_decay`` are placeholders the caller fills."""
+    end_step = int(result.state["step"])
+    n_steps = end_step - start_step
+    step_s = result.timer.step_s(n_steps)
+    return {
+        "workdir": str(workdir),
+        "start_step": start_step,
+        "end_step": end_step,
+        "num_train_steps": int(config.num_train_steps),
+        "resumed_from": None,
+        "interrupted": result.interrupted is not None,
+        "signal": result.interrupted,
+        "wall_s": time.perf_counter() - t_start,
+        "setup_s": result.timer.t0 - t_start,
+        "first_step_s": result.timer.first_step_s,
+        "step_s": step_s,
+        "crystals_per_s": config.batch_size / step_s if n_steps > 1 else float("nan"),
+        "epoch_s_estimate": it.steps_per_epoch * step_s if n_steps > 1 else float("nan"),
+        "steps_per_epoch": it.steps_per_epoch,
+        "batch_shapes": result.batch_shapes,
+        "num_devices": mesh.size,
+        "num_processes": jax.process_count(),
+        "num_shards": num_shards,
+        "nonfinite_total": int(result.state["nonfinite_total"]),
+        "best_step": None,
+        "loss": "L_recon + beta_phys * L_phys (alpha * L_gen: separate latent-flow stage)",
+        "beta_phys": float(config.objective.beta_phys),
+        "ema_decay": None,
+        "last_train": result.last.get("train"),
+        "last_eval": result.last.get("eval"),
+    }
 
 
 def _print_summary(s: dict[str, Any]) -> None:
@@ -751,7 +519,7 @@ def _evaluate(config, model, settings, normalisers, params, val_ds, eval_loss, k
             break
         _, m = eval_loss(params, batch, jax.random.fold_in(key, b))
         hist.append(m)
-    out.update(_mean_metrics(jax.device_get(hist)))
+    out.update(mean_metrics(jax.device_get(hist)))
     n = min(int(config.get("eval_recon", 0)), len(graphs))
     if n:
         preds, secs = reconstruct_dataset(
