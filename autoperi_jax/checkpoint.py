@@ -9,6 +9,13 @@ A checkpoint step directory holds two Orbax items:
 Nothing in a checkpoint can execute code when it is read. `Checkpointer` keeps the last
 ``max_to_keep`` steps plus the best one on a validation metric, saves asynchronously, and on
 restore falls back to the previous step (with a warning) when the latest one is corrupt.
+
+`load_checkpoint` reads a training run's latest checkpoint without a template, in the
+current layout (format 2: items ``state`` + ``meta``) or the four-item layout of runs
+written before `Checkpointer` (format 1).
+
+Orbax is imported inside the functions that use it: it adds 1.0 s to ``import jax``
+(measured: 2.1 s against 1.0 s), which only callers that read or write should pay.
 """
 
 from __future__ import annotations
@@ -20,9 +27,22 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
-__all__ = ["Checkpointer", "load_pytree", "save_pytree", "to_jsonable"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "Checkpointer",
+    "load_checkpoint",
+    "load_pytree",
+    "save_pytree",
+    "step_dirs",
+    "to_jsonable",
+]
+
+#: Layout of a training checkpoint: 2 = `Checkpointer` items ``state`` + ``meta``;
+#: 1 = the legacy four items ``state``, ``config``, ``normalisers``, ``data``.
+CHECKPOINT_FORMAT = 2
 
 
 def to_jsonable(x: Any) -> Any:
@@ -219,3 +239,99 @@ def load_pytree(directory: str | os.PathLike, target: Any | None = None) -> tupl
             target = single_device_target(directory / "params")
         tree = ckptr.restore(directory / "params", target)
     return tree, meta
+
+
+# ------------------------------------------------------------------ training runs
+def step_dirs(root: str | os.PathLike) -> list[int]:
+    """The step numbers of the checkpoint folders under ``root`` (ascending)."""
+    return sorted(int(d.name) for d in Path(root).glob("*") if d.is_dir() and d.name.isdigit())
+
+
+def is_legacy(step_dir: str | os.PathLike) -> bool:
+    """Whether a step folder has format 1 (before `Checkpointer`): items ``state``,
+    ``config``, ``normalisers``, ``data`` instead of ``state`` + ``meta``."""
+    step_dir = Path(step_dir)
+    return (step_dir / "config").is_dir() and not (step_dir / "meta").exists()
+
+
+def _load_legacy(root: Path, step: int) -> dict[str, Any]:
+    """Reads a format-1 checkpoint (``Composite(state=StandardSave, config / normalisers /
+    data = JsonSave)``, e.g. runs written before the sharded trainer)."""
+    import orbax.checkpoint as ocp
+
+    mngr = ocp.CheckpointManager(
+        root.absolute(),
+        options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+        item_names=("state", "config", "normalisers", "data"),
+    )
+    try:
+        meta = mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                config=ocp.args.JsonRestore(),
+                normalisers=ocp.args.JsonRestore(),
+                data=ocp.args.JsonRestore(),
+            ),
+        )
+        target = single_device_target(root.absolute() / str(step) / "state")
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    finally:
+        mngr.close()
+    state = state["state"]
+    return {
+        "config": ml_collections.ConfigDict(meta["config"]),
+        "normalisers": meta["normalisers"],
+        "params": state["params"],
+        "raw_params": state["params"],
+        "step": int(state["step"]),
+        "data": meta["data"],
+        "format": 1,
+    }
+
+
+def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """Restores the latest (or ``step``) checkpoint of a training run without a template.
+
+    Reads both layouts: format 2 (`Checkpointer`: ``state`` = ``{params, opt_state, step,
+    [ema_params], nonfinite...}``, ``meta`` = config, normalisers, data-iterator position)
+    and format 1 of earlier runs. A corrupt latest step falls back to the previous one
+    with a warning. Arrays land on this process's first device (`single_device_target`).
+
+    Args:
+      workdir: the run folder (its ``checkpoints/`` subfolder is read).
+      step: the newest step to consider; ``None`` = the latest.
+
+    Returns:
+      dict with ``config`` (ConfigDict), ``normalisers``, ``params`` (the EMA parameters
+      when the run kept them: the ones to use for inference), ``raw_params`` (the
+      optimiser's), ``step``, ``data`` (iterator position) and ``format``.
+
+    Raises:
+      FileNotFoundError: no (readable) checkpoint.
+    """
+    root = Path(workdir) / "checkpoints"
+    steps = step_dirs(root) if root.is_dir() else []
+    if step is not None:
+        steps = [s for s in steps if s <= step]
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {root}")
+    if is_legacy(root / str(steps[-1])):
+        return _load_legacy(root, steps[-1])
+    ck = Checkpointer(root, best_metric=None, async_save=False)
+    try:
+        out = ck.restore(None, steps[-1])
+    finally:
+        ck.close()
+    if out is None:
+        raise FileNotFoundError(f"no readable checkpoint in {root}")
+    state, meta, got = out
+    params = state.get("ema_params", state["params"])
+    return {
+        "config": ml_collections.ConfigDict(meta["config"]),
+        "normalisers": meta["normalisers"],
+        "params": params,
+        "raw_params": state["params"],
+        "step": int(got),
+        "data": meta["data"],
+        "format": int(meta.get("format", CHECKPOINT_FORMAT)),
+    }

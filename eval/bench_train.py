@@ -65,11 +65,11 @@ def _worker(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     compiles = count_compiles()
 
     from autoperi_jax.model import compute_normalisers, make_loss_fn
+    from autoperi_jax.reconstruct import ordered_batches as _ordered_batches
     from train import parallel
     from train.cli import apply_overrides, load_config
     from train.trainer import (
         _num_shards,
-        _ordered_batches,
         build_model,
         build_settings,
         load_split,

@@ -35,6 +35,7 @@ import numpy as np
 
 from autoperi_jax.crystal import Crystal
 from autoperi_jax.distinct import DistinctFilter, matcher, reduced_formula, safe_fit
+from autoperi_jax.matching import match_rms, match_summary
 from autoperi_jax.physics import smact_tables
 from eval.fingerprints import cdvae_comp_scale
 from eval.parallel import parallel_map
@@ -702,19 +703,6 @@ def novelty(
 
 
 # ==================================================================== reconstruction
-def _rms_chunk(items: list[tuple[Crystal, Crystal, dict]]) -> list[float | None]:
-    out: list[float | None] = []
-    for pred, ref, tol in items:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                r = matcher(tol).get_rms_dist(pred.to_pymatgen(), ref.to_pymatgen())
-            out.append(None if r is None else float(r[0]))
-        except Exception:  # CDVAE: an exception means no match
-            out.append(None)
-    return out
-
-
 def reconstruction_metrics(
     preds: Sequence[Crystal | None],
     refs: Sequence[Crystal],
@@ -725,7 +713,8 @@ def reconstruction_metrics(
     workers: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Match rate and RMSE: CDVAE ``RecEval.get_match_rate_and_rms``.
+    """Match rate and RMSE: CDVAE ``RecEval.get_match_rate_and_rms``
+    (`autoperi_jax.matching.match_rms` / `match_summary`, on a process pool).
 
     Rule: for each reference crystal i with a VALID prediction, ``rms =
     StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3).get_rms_dist(pred_i, ref_i)``
@@ -750,27 +739,24 @@ def reconstruction_metrics(
       where unmatched)}.
     """
     n = len(refs)
-    assert len(preds) == n, "predictions and references must be aligned"
     use = np.asarray(pred_valid, bool).copy()
     if require_reference_valid:
         use &= np.asarray(ref_valid, bool)
-    use &= np.array([p is not None for p in preds])
-    todo = [i for i in range(n) if use[i]]
-    res = parallel_map(
-        _rms_chunk, [(preds[i], refs[i], dict(tolerances)) for i in todo], workers=workers,
-        chunk_size=64, desc="matching", progress=progress, unit="pair",
-    )  # fmt: skip
-    rms = np.full(n, np.nan)
-    for i, r in zip(todo, res):
-        if r is not None:
-            rms[i] = r
-    matched = np.isfinite(rms)
+
+    def map_chunks(fn, items):
+        return parallel_map(
+            fn, items, workers=workers, chunk_size=64, desc="matching", progress=progress,
+            unit="pair",
+        )  # fmt: skip
+
+    rms = match_rms(preds, refs, tolerances, use, map_chunks)
+    summary = match_summary(rms)
     return {
-        "match_rate": float(matched.sum() / n) if n else 0.0,
-        "rmse": float(rms[matched].mean()) if matched.any() else float("nan"),
+        "match_rate": summary["match_rate"],
+        "rmse": summary["rmse"],
         "match_rate_ceiling": float(np.mean(ref_valid)) if n else 0.0,
         "n": n,
-        "n_matched": int(matched.sum()),
+        "n_matched": summary["n_matched"],
         "rms": rms,
     }
 

@@ -15,15 +15,14 @@ from train.cli import load_config, write_samples
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_perov_data):
-    """A tiny flow stage on an untrained tiny autoencoder (the test config; initial
-    parameters stand in for a trained run, which would cost a minute of compilation) on
-    the first rows of the Perov-5 splits."""
+def flow_setup(tiny_perov_data):
+    """An untrained tiny autoencoder (the test config; initial parameters stand in for a
+    trained run, which would cost a minute of compilation) on the first rows of the
+    Perov-5 splits, and a tiny flow-stage config factory."""
     import jax.numpy as jnp
 
     from autoperi_jax.api import padded_batches
     from autoperi_jax.model import compute_normalisers, init_params
-    from train.flow_stage import train_flow
     from train.trainer import build_model, build_settings, load_split
 
     config = load_config("train/configs/test.py")
@@ -36,28 +35,40 @@ def run(tmp_path_factory, tiny_perov_data):
     )
     ckpt = {"config": config, "params": params, "normalisers": compute_normalisers(graphs),
             "step": 0}  # fmt: skip
-    workdir = tmp_path_factory.mktemp("run")
 
-    fc = load_config("flow_perov_5")
-    fc.progress = False
-    fc.num_steps = 120
-    fc.val_every = 60
-    fc.log_every = 20
-    fc.batch_size = 32
-    fc.warmup_steps = 10
-    fc.learning_rate = 3e-3
-    fc.encode_batch_size = 32
-    fc.flow.n_layers = 2
-    fc.flow.hidden = (32,)
-    fc.flow.context_features = 16
-    fc.predictor.hidden = (32,)
-    fc.predictor.num_steps = 40
-    fc.predictor.val_every = 20
-    fc.predictor.batch_size = 32
-    fc.sampler.num_steps = 2
-    fc.sampler.constraint_steps = 5
-    fc.z_noise_parts = {"comp": 0.1}  # per-part dequantisation noise (noise_scales)
-    summary = train_flow(workdir, fc, checkpoint=ckpt)
+    def flow_config():
+        fc = load_config("flow_perov_5")
+        fc.progress = False
+        fc.num_steps = 120
+        fc.val_every = 60
+        fc.log_every = 20
+        fc.batch_size = 32
+        fc.warmup_steps = 10
+        fc.learning_rate = 3e-3
+        fc.encode_batch_size = 32
+        fc.flow.n_layers = 2
+        fc.flow.hidden = (32,)
+        fc.flow.context_features = 16
+        fc.predictor.hidden = (32,)
+        fc.predictor.num_steps = 40
+        fc.predictor.val_every = 20
+        fc.predictor.batch_size = 32
+        fc.sampler.num_steps = 2
+        fc.sampler.constraint_steps = 5
+        fc.z_noise_parts = {"comp": 0.1}  # per-part dequantisation noise (noise_scales)
+        return fc
+
+    return ckpt, flow_config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, flow_setup):
+    """A tiny flow stage (`flow_setup`)."""
+    from train.flow_stage import train_flow
+
+    ckpt, flow_config = flow_setup
+    workdir = tmp_path_factory.mktemp("run")
+    summary = train_flow(workdir, flow_config(), checkpoint=ckpt)
     return workdir, summary
 
 
@@ -83,6 +94,53 @@ def test_train_flow_lowers_the_nll_and_saves_a_bundle(run):
     assert (workdir / "flow" / "model" / "meta.json").exists()
     assert (workdir / "flow" / "latents_train.npz").exists()
     assert not list(workdir.rglob("*.pkl")) and not list(workdir.rglob("*.pickle"))
+
+
+def test_interrupted_flow_stage_resumes_to_the_uninterrupted_result(
+    run, flow_setup, tmp_path, monkeypatch
+):
+    """A stop request at step 45 of 120 (mid-epoch, between validations) saves a checkpoint
+    and returns; the same call again resumes there and ends on the uninterrupted run's
+    flow, bit for bit, with the same validation NLLs and train records (but the one
+    whose window holds the interruption)."""
+    import shutil
+
+    import train.loop
+    from autoperi_jax.checkpoint import load_pytree
+    from train.flow_stage import train_flow
+
+    ckpt, flow_config = flow_setup
+    workdir, summary = run
+    (tmp_path / "flow").mkdir()
+    for split in ("train", "val"):  # the encoded latents: no second encoding
+        shutil.copy(workdir / "flow" / f"latents_{split}.npz", tmp_path / "flow")
+    requested = train.loop.StopRequest.requested
+    monkeypatch.setattr(train.loop.StopRequest, "requested", lambda self, step, every: step == 45)
+    assert train_flow(tmp_path, flow_config(), checkpoint=ckpt) == {"interrupted": True}
+    assert not (tmp_path / "flow" / "model").exists()
+    monkeypatch.setattr(train.loop.StopRequest, "requested", requested)
+    resumed = train_flow(tmp_path, flow_config(), checkpoint=ckpt)
+
+    for k in ("val_nll", "val_nll_init", "best_step"):
+        assert resumed[k] == summary[k], k
+    ours, theirs = (
+        load_pytree(tmp_path / "flow" / "model")[0],
+        load_pytree(workdir / "flow" / "model")[0],
+    )
+    for a, b in zip(jax.tree.leaves(ours["flow"]), jax.tree.leaves(theirs["flow"])):
+        np.testing.assert_array_equal(a, b)
+
+    def records(path):
+        out = {}
+        for line in open(path / "flow" / "metrics.jsonl"):
+            r = json.loads(line)
+            if r["split"] in ("train", "val"):
+                out[(r["split"], r["step"])] = {k: v for k, v in r.items() if k != "time_s"}
+        return out
+
+    a, b = records(tmp_path), records(workdir)
+    assert a.keys() == b.keys()
+    assert all(a[k] == b[k] for k in a if k != ("train", 60))
 
 
 def test_generator_api(gen):

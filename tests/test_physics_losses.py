@@ -124,3 +124,43 @@ def test_l_phys_gradients_match_finite_differences(x64):
         d = jnp.zeros_like(cell0).at[idx].set(eps)
         fd = (loss(cell0 + d, frac0) - loss(cell0 - d, frac0)) / (2 * eps)
         assert float(g_cell[idx]) == pytest.approx(float(fd), rel=1e-4, abs=1e-6)
+
+
+def test_objective_fn_gradients_match_finite_differences(x64):
+    """The training loss's batched L_phys (`make_objective_fn`, references on): d/d frac and
+    d/d cell against central differences; a padding graph costs 0 with zero gradient. The
+    phonon term is off (its gradient is checked above; its compilation would triple the
+    test's time)."""
+    atoms = perov_atoms(1)[0]
+    rng = np.random.default_rng(7)
+    cell1 = atoms.cell[:] @ (np.eye(3) + 0.02 * rng.normal(size=(3, 3)))
+    cell0 = jnp.asarray(np.stack([cell1, np.eye(3)]))  # [2, 3, 3]; graph 1: padding
+    ref = jnp.asarray(np.stack([atoms.get_scaled_positions(), np.zeros((5, 3))]))  # [2, 5, 3]
+    frac0 = ref + jnp.asarray(0.02 * rng.normal(size=(2, 5, 3)))
+    z = jnp.asarray(np.stack([atoms.numbers, np.zeros(5, int)]))  # [2, 5]
+    obj = physics.PhysicsObjective(
+        potential=physics.uff_lennard_jones(cutoff=5.0),
+        n_images=physics.n_images_for_cutoff(cell1[None], 5.0),
+        qpoints=physics.gamma_and_mp_grid((1, 1, 1)),
+        weights=(1.0, 0.0, 1.0),
+    )
+    phys_fn = physics.make_objective_fn(obj)
+
+    @jax.jit
+    def loss(c, f):
+        return jnp.sum(phys_fn(c, f, z, z > 0, ref)["total"])
+
+    out = phys_fn(cell0, frac0, z, z > 0, ref)
+    assert float(out["energy"][0]) > 0 and float(out["chem"][0]) > 0
+    assert float(out["total"][1]) == 0.0
+    g_cell, g_frac = jax.grad(loss, argnums=(0, 1))(cell0, frac0)
+    assert np.all(np.asarray(g_frac[1]) == 0) and np.all(np.asarray(g_cell[1]) == 0)
+    eps = 1e-6
+    for idx in [(0, 1, 2), (0, 3, 1), (0, 4, 0)]:
+        d = jnp.zeros_like(frac0).at[idx].set(eps)
+        fd = (loss(cell0, frac0 + d) - loss(cell0, frac0 - d)) / (2 * eps)
+        assert float(g_frac[idx]) == pytest.approx(float(fd), rel=1e-4, abs=1e-6)
+    for idx in [(0, 0, 0), (0, 0, 1), (0, 2, 2)]:
+        d = jnp.zeros_like(cell0).at[idx].set(eps)
+        fd = (loss(cell0 + d, frac0) - loss(cell0 - d, frac0)) / (2 * eps)
+        assert float(g_cell[idx]) == pytest.approx(float(fd), rel=1e-4, abs=1e-6)

@@ -13,8 +13,9 @@ import numpy as np
 import optax
 import pytest
 
+from autoperi_jax.checkpoint import load_checkpoint
 from train.cli import load_config
-from train.trainer import build_model, build_settings, load_checkpoint
+from train.trainer import build_model, build_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

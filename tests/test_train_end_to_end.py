@@ -7,10 +7,11 @@ import jax
 import numpy as np
 import pytest
 
+from autoperi_jax.checkpoint import load_checkpoint
 from autoperi_jax.cli import main
 from autoperi_jax.crystal import read_structures
 from train.cli import load_config
-from train.trainer import load_checkpoint, train_and_evaluate
+from train.trainer import train_and_evaluate
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_init_from_starts_from_the_source_parameters(run, tmp_path):
 def test_reconstruction_is_deterministic_without_prior_noise(run):
     """prior_noise 0 (the default) starts the decoding flow at the coordinate guess, so the
     seed does not matter; the training noise makes the seed matter."""
-    from train.trainer import reconstruct_run
+    from autoperi_jax.reconstruct import reconstruct_run
 
     workdir = run[0]
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from train.trainer import _mean_metrics, initial_state, make_train_step
+from train.loop import initial_state, make_train_step, mean_metrics
 
 
 def _loss_fn(params, batch, key):
@@ -67,5 +67,5 @@ def test_mean_metrics_leave_out_skipped_steps():
         {"loss": float("nan"), "skipped": 1.0, "nonfinite_total": 1},
         {"loss": 3.0, "skipped": 0.0, "nonfinite_total": 1},
     ]
-    m = _mean_metrics(hist)
+    m = mean_metrics(hist)
     assert m == {"loss": 2.0, "skipped": 1.0, "nonfinite_total": 1.0}

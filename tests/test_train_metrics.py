@@ -1,9 +1,10 @@
-"""Host-side reconstruction checks of train.trainer (matcher, bond graph)."""
+"""Host-side reconstruction checks (`autoperi_jax.reconstruct`: matcher, bond graph)."""
 
 import numpy as np
 
+from autoperi_jax.reconstruct import bond_graph, connectivity_metrics
 from autoperi_jax.testing import random_crystal
-from train.trainer import bond_graph, connectivity_metrics, match_metrics
+from train.trainer import match_metrics
 
 
 def _bonds_of(c, cutoff=4.0, tol=0.25):

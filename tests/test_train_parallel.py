@@ -80,7 +80,7 @@ def _env(devices: int) -> dict[str, str]:
 def _result(workdir: Path) -> tuple[list[float], np.ndarray, dict]:
     import jax
 
-    from train.trainer import load_checkpoint
+    from autoperi_jax.checkpoint import load_checkpoint
 
     records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     losses = [r["loss"] for r in records if r["split"] == "train"]

@@ -158,7 +158,7 @@ def _wait_for_checkpoint(proc: subprocess.Popen, workdir: Path, timeout: float =
 def _params(workdir: Path) -> dict[str, np.ndarray]:
     import jax
 
-    from train.trainer import load_checkpoint
+    from autoperi_jax.checkpoint import load_checkpoint
 
     ck = load_checkpoint(workdir)
     assert ck["step"] == STEPS
@@ -277,7 +277,7 @@ def test_nonfinite_steps_are_skipped_then_stop(env, reference):
     assert _steps(workdir)[-1] == 8  # nothing saved after the guard fired
     import jax
 
-    from train.trainer import load_checkpoint
+    from autoperi_jax.checkpoint import load_checkpoint
 
     ck = load_checkpoint(workdir)
     assert ck["step"] == 8

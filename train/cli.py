@@ -131,7 +131,8 @@ def model_source(args: argparse.Namespace) -> Path:
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    from train.trainer import connectivity_metrics, match_metrics, reconstruct_run
+    from autoperi_jax.reconstruct import connectivity_metrics, reconstruct_run
+    from train.trainer import match_metrics
 
     preds, refs, secs, bonds, settings = reconstruct_run(
         model_source(args),

@@ -20,6 +20,12 @@
    steps, ``val_nll`` / ``val_nll_uncond`` in nats per crystal of the standardised z, the
    predictor's MAEs) and ``RUN/flow/summary.json``.
 
+The flow trains with the autoencoder's loop and optimizer (`train.loop`): the same
+sharded, donated step with the non-finite guard, checkpoints in ``RUN/flow/checkpoints``
+(every ``checkpoint_every`` steps, default ``val_every``, and at each validation; the
+best validation step is the one kept), SIGTERM / SIGINT handling, and bit-exact resume:
+re-running an interrupted ``autoperi train-flow`` continues where it stopped.
+
 Why two stages rather than training the flow jointly with the autoencoder. The encoder is
 deterministic, so z = E(x) is a point and log p(z) is a density of a point set that the
 encoder itself shapes. Under a joint objective L_rec + L_gen the encoder can raise log p(z)
@@ -40,26 +46,54 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
+import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from tqdm import tqdm
 
 from autoperi_jax.api import BUNDLE, encode_graphs
+from autoperi_jax.checkpoint import (
+    Checkpointer,
+    load_checkpoint,
+    load_pytree,
+    save_pytree,
+    to_jsonable,
+)
 from autoperi_jax.flow import FlowConfig, FlowContext, drop_context, make_flow
 from autoperi_jax.model import make_encode_fn
+from autoperi_jax.nn.autoencoder import Autoencoder
+from autoperi_jax.run_config import build_model, build_settings, load_split
 from autoperi_jax.sampling import PropertyHead
+from train import parallel
+from train.loop import (
+    Logger,
+    LoopSettings,
+    OptimizerSettings,
+    initial_state,
+    make_train_step,
+    optimizer,
+    restore_state,
+    run_loop,
+)
 
 __all__ = [
+    "IndexBatches",
+    "LatentBatch",
+    "LatentBatches",
+    "LatentData",
+    "checkpoint_from_bundle",
+    "fit_flow",
     "latent_split",
     "make_flow_loss",
     "spacegroup_labels",
+    "standardise",
     "train_flow",
     "train_predictor",
 ]
@@ -70,8 +104,6 @@ SPACEGROUP_COLUMN = "spacegroup.number"
 # ------------------------------------------------------------------------------ data
 def spacegroup_labels(ds: Any, symprec: float = 0.1, progress: bool = False) -> np.ndarray:
     """[n] int32 international numbers of a dataset's crystals by spglib (0 if none)."""
-    from tqdm import tqdm
-
     return np.array(
         [
             ds.crystal(i).spacegroup(symprec)
@@ -90,8 +122,6 @@ def latent_split(
       dict: ``z`` [n, D] float32, ``props`` [n, Q] float64 (columns ``names``, NaN where
       missing), ``names`` [Q] str, ``spacegroup`` [n] int32 (0 = unknown).
     """
-    from train.trainer import build_model, load_split
-
     names = list(dict.fromkeys([*config.properties, *config.predict_properties]))
     columns = list(names)
     if config.spacegroup_source == "column":
@@ -230,19 +260,65 @@ def _nll_fn(flow, conditioned: bool):
     return jax.jit(fn)
 
 
-def _optimizer(lr: float, steps: int, warmup: int, final: float, wd: float, clip: float):
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, lr, warmup, max(steps, warmup + 1), lr * final
-    )
-    tx = optax.chain(optax.clip_by_global_norm(clip), optax.adamw(schedule, weight_decay=wd))
-    return tx
+# ------------------------------------------------------------------------- batches
+class IndexBatches:
+    """Resumable batches of row indices: every epoch a permutation of ``range(n)`` drawn
+    from one ``np.random.default_rng(seed)`` stream, cut into ``n // batch_size`` batches
+    (the rest dropped). The position is the step count, so `restore` replays the stream
+    to any step (a resumed run sees the batches of the uninterrupted one)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.steps_per_epoch = n // batch_size
+        self.restore({"step": 0})
+
+    def state(self) -> dict[str, int]:
+        """The position, saved with a checkpoint."""
+        return {"step": self.step}
+
+    def restore(self, state: dict[str, int]) -> None:
+        """Moves to ``state["step"]`` (replaying the permutations before it)."""
+        self.step = int(state["step"])
+        self._rng = np.random.default_rng(self.seed)
+        epochs, offset = divmod(self.step, self.steps_per_epoch)
+        for _ in range(epochs):
+            self._rng.permutation(self.n)
+        self._perm = self._rng.permutation(self.n) if offset else None
+
+    def __iter__(self) -> IndexBatches:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        offset = self.step % self.steps_per_epoch
+        if offset == 0:
+            self._perm = self._rng.permutation(self.n)
+        self.step += 1
+        return self._perm[offset * self.batch_size : (offset + 1) * self.batch_size]
 
 
-def _batches(n: int, batch: int, rng: np.random.Generator):
-    while True:
-        perm = rng.permutation(n)
-        for s in range(0, n - batch + 1, batch):
-            yield perm[s : s + batch]
+class LatentBatch(NamedTuple):
+    """One batch of the flow's training data (rows of the standardised split)."""
+
+    z: np.ndarray  # [B, D] float32 standardised latents
+    props: np.ndarray  # [B, P] float32 standardised conditions (NaN = missing)
+    spacegroup: np.ndarray  # [B] int32 (0 = unknown)
+
+
+class LatentBatches(IndexBatches):
+    """`IndexBatches` of a latent split as this process's `LatentBatch` slices: every
+    process draws the same global batch and keeps its contiguous 1 / process_count part
+    (the rows its devices hold of the ``data``-sharded batch)."""
+
+    def __init__(self, data: LatentBatch, batch_size: int, seed: int, n_devices: int) -> None:
+        if batch_size % n_devices:
+            raise ValueError(f"batch_size={batch_size} must be divisible by {n_devices} devices")
+        super().__init__(len(data.z), batch_size, seed)
+        self.data = data
+
+    def __next__(self) -> LatentBatch:
+        idx = super().__next__()
+        idx = idx.reshape(jax.process_count(), -1)[jax.process_index()]
+        return LatentBatch(*(x[idx] for x in self.data))
 
 
 # ------------------------------------------------------------------------- predictor
@@ -277,12 +353,13 @@ def train_predictor(
     Returns:
       (params of the best validation step, {"val_mae_std": [Q] at that step, "step"}).
     """
-    from tqdm import tqdm
-
     head = PropertyHead(tuple(config.hidden), y_train.shape[1])
     delta = float(config.get("huber_delta", 0.0))
     params = head.init(key, jnp.zeros((1, z_train.shape[1])))
-    tx = _optimizer(config.learning_rate, config.num_steps, 200, 0.01, config.weight_decay, 5.0)
+    tx, _ = optimizer(
+        OptimizerSettings(config.learning_rate, config.num_steps, 200, 0.01,
+                          config.weight_decay, 5.0)
+    )  # fmt: skip
     opt = tx.init(params)
     zt, yt = jnp.asarray(z_train), jnp.asarray(y_train, jnp.float32)
 
@@ -312,8 +389,8 @@ def train_predictor(
             [np.abs(pred[ok[:, q], q] - y_val[ok[:, q], q]).mean() for q in range(y_val.shape[1])]
         )
 
-    rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**31 - 1)))
-    batches = _batches(len(z_train), min(config.batch_size, len(z_train)), rng)
+    seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+    batches = IndexBatches(len(z_train), min(config.batch_size, len(z_train)), seed)
     best = (np.inf, params, None, 0)
     losses = []
     for s in tqdm(range(config.num_steps), disable=not progress, desc="predictor"):
@@ -340,9 +417,8 @@ def train_predictor(
 
 # ------------------------------------------------------------------------------- main
 def _ae_meta(ckpt: dict[str, Any]) -> dict[str, Any]:
-    from autoperi_jax.nn.autoencoder import Autoencoder
-    from train.trainer import build_model, build_settings
-
+    """The bundle's description of the stage-1 autoencoder (model fields, settings,
+    normalisers, input graph, step, dataset)."""
     cfg = ckpt["config"]
     model = build_model(cfg)
     fields = [f.name for f in dataclasses.fields(Autoencoder) if f.name not in ("parent", "name")]
@@ -358,11 +434,10 @@ def _ae_meta(ckpt: dict[str, Any]) -> dict[str, Any]:
 
 def checkpoint_from_bundle(bundle: str | Path) -> dict[str, Any]:
     """The stage-1 autoencoder of an inference bundle (e.g. a shipped model,
-    `autoperi_jax.api.pretrained_path`) in the form `train.trainer.load_checkpoint` returns,
-    so `train_flow` can train a new flow on it. The bundle must hold the autoencoder's
-    training config as ``train_config.json``."""
-    from autoperi_jax.checkpoint import load_pytree
-
+    `autoperi_jax.api.pretrained_path`) in the form
+    `autoperi_jax.checkpoint.load_checkpoint` returns, so `train_flow` can train a new
+    flow on it. The bundle must hold the autoencoder's training config as
+    ``train_config.json``."""
     bundle = Path(bundle)
     if not (bundle / "train_config.json").exists():
         raise FileNotFoundError(f"{bundle}: no train_config.json (the autoencoder's config)")
@@ -376,200 +451,38 @@ def checkpoint_from_bundle(bundle: str | Path) -> dict[str, Any]:
     }
 
 
-def train_flow(
-    workdir: str | Path,
-    config: ml_collections.ConfigDict,
-    checkpoint: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Trains the latent flow and the property predictor of a run (module docstring).
+class LatentData(NamedTuple):
+    """The standardised splits of the flow stage and their statistics."""
 
-    Args:
-      workdir: the autoencoder run (``autoperi train``); outputs go to ``workdir/flow``.
-      config: a ``train/configs/flow_perov_5.py``-style config.
-      checkpoint: the autoencoder as `train.trainer.load_checkpoint` returns it (``config``,
-        ``params``, ``normalisers``, ``step``); default: the latest one of ``workdir``.
+    train: LatentBatch  # flow training rows (conditions only)
+    val: LatentBatch
+    y_train: np.ndarray  # [n, Q] standardised predictor targets (every name)
+    y_val: np.ndarray
+    names: list[str]  # [Q] predictor columns; the conditions are names[cond_idx]
+    cond_idx: list[int]
+    prop_std: np.ndarray  # [Q] float64 train std of every column (MAEs in units)
+    stats: dict[str, np.ndarray]  # z_mean, z_std, cond_*, pred_*, spacegroup_prior
 
-    Returns:
-      The summary written to ``workdir/flow/summary.json`` (NLLs, predictor MAEs, times).
-    """
-    from tqdm import tqdm
 
-    from autoperi_jax.checkpoint import save_pytree, to_jsonable
-    from train.trainer import load_checkpoint
-
-    t_start = time.perf_counter()
-    workdir = Path(workdir)
-    out_dir = workdir / "flow"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = load_checkpoint(workdir) if checkpoint is None else checkpoint
-    train = latent_split(workdir, ckpt, config, "train")
-    val = latent_split(workdir, ckpt, config, "val")
-    t_encode = time.perf_counter() - t_start
+def standardise(
+    train: dict[str, np.ndarray], val: dict[str, np.ndarray], config: ml_collections.ConfigDict
+) -> LatentData:
+    """z per coordinate (train mean / std, floor ``z_min_std``) and the property columns
+    (train NaN-mean / std) of two `latent_split` outputs."""
     names = [str(n) for n in train["names"]]
     cond_idx = [names.index(k) for k in config.properties]
-
-    # Standardisation (train statistics).
     z_mean = train["z"].mean(0)
     z_std = np.maximum(train["z"].std(0), config.z_min_std)
     pm = np.nanmean(train["props"], 0)
     ps = np.maximum(np.nanstd(train["props"], 0), 1e-6)
 
-    def std_z(z):
-        return ((z - z_mean) / z_std).astype(np.float32)
+    def split(d):
+        z = ((d["z"] - z_mean) / z_std).astype(np.float32)
+        y = ((d["props"] - pm) / ps).astype(np.float32)
+        return LatentBatch(z, y[:, cond_idx], d["spacegroup"]), y
 
-    def std_p(p):
-        return ((p - pm) / ps).astype(np.float32)
-
-    zt, zv = std_z(train["z"]), std_z(val["z"])
-    yt, yv = std_p(train["props"]), std_p(val["props"])
-    ct, cv = yt[:, cond_idx], yv[:, cond_idx]
-    use_sg = config.spacegroup_source != "none"
-    sgt, sgv = train["spacegroup"], val["spacegroup"]
-
-    ae = _ae_meta(ckpt)
-    m = ae["model"]
-    parts = (
-        ("lattice", m["latent_lattice"]),
-        ("comp", m["latent_comp"]),
-        ("struct", m["latent_struct"]),
-    )
-    flow_config = FlowConfig(
-        dim=zt.shape[1],
-        n_props=len(cond_idx),
-        use_spacegroup=use_sg,
-        parts=parts if sum(s for _, s in parts) == zt.shape[1] else (),
-        seed=config.seed,
-        **{
-            k: (tuple(v) if isinstance(v, list | tuple) else v)
-            for k, v in config.flow.to_dict().items()
-        },
-    )
-    flow = make_flow(flow_config)
-    key = jax.random.PRNGKey(config.seed)
-    k_init, k_train, k_pred = jax.random.split(key, 3)
-    params = flow.init(k_init)
-    tx = _optimizer(
-        config.learning_rate,
-        config.num_steps,
-        config.warmup_steps,
-        config.final_lr_fraction,
-        config.weight_decay,
-        config.grad_clip,
-    )
-    opt = tx.init(params)
-    noise = noise_scales(
-        config.z_noise, config.get("z_noise_parts", None), flow_config.parts, flow_config.dim
-    )
-    loss_fn = make_flow_loss(
-        flow, noise, config.p_uncond, config.p_drop_props, config.p_drop_spacegroup
-    )
-    d_zt, d_ct, d_sgt = jnp.asarray(zt), jnp.asarray(ct), jnp.asarray(sgt)
-
-    @jax.jit
-    def step(p, o, idx, k):
-        loss, g = jax.value_and_grad(loss_fn)(p, d_zt[idx], d_ct[idx], d_sgt[idx], k)
-        u, o = tx.update(g, o, p)
-        return optax.apply_updates(p, u), o, loss, optax.global_norm(g)
-
-    logf = open(out_dir / "metrics.jsonl", "a" if config.get("reuse_flow", False) else "w")
-
-    def log(rec: dict[str, Any]) -> None:
-        logf.write(json.dumps(to_jsonable(rec)) + "\n")
-        logf.flush()
-
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    log(
-        {
-            "step": 0,
-            "split": "info",
-            "n_train": len(zt),
-            "n_val": len(zv),
-            "dim": zt.shape[1],
-            "flow_params": n_params,
-            "cond_names": list(config.properties),
-            "pred_names": names,
-            "encode_s": t_encode,
-        }
-    )
-    rng = np.random.default_rng(config.seed)
-    batches = _batches(len(zt), min(config.batch_size, len(zt)), rng)
-
-    def val_record(p, done):
-        rec = {
-            "step": done,
-            "split": "val",
-            "val_nll": _nll(flow, p, zv, cv, sgv, True),
-            "val_nll_uncond": _nll(flow, p, zv, cv, sgv, False),
-            "train_nll": _nll(flow, p, zt[:4096], ct[:4096], sgt[:4096], True),
-        }
-        rec["val_nll_per_dim"] = rec["val_nll"] / zt.shape[1]
-        return rec
-
-    t0 = time.perf_counter()
-    if config.get("reuse_flow", False):
-        # keep the flow of the saved bundle (same settings), retrain the predictor only
-        from autoperi_jax.checkpoint import load_pytree
-
-        saved, saved_meta = load_pytree(workdir / BUNDLE)
-        if saved_meta["flow_config"] != json.loads(json.dumps(dataclasses.asdict(flow_config))):
-            raise ValueError("reuse_flow: the saved flow has other settings")
-        prev = saved_meta["summary"]
-        first = {"val_nll": prev["val_nll_init"]}
-        best = (prev["val_nll"], jax.tree.map(jnp.asarray, saved["flow"]), prev["best_step"])
-        log({"step": 0, "split": "info", "reused_flow": True, "val_nll": prev["val_nll"]})
-    else:
-        best = (np.inf, params, 0)
-        history, gnorms = [], []
-        bar = tqdm(range(config.num_steps), disable=not config.progress, desc="train-flow")
-        first = val_record(params, 0)
-        log(first)
-        for s in bar:
-            params, opt, loss, gn = step(
-                params, opt, jnp.asarray(next(batches)), jax.random.fold_in(k_train, s)
-            )
-            history.append(loss)
-            gnorms.append(gn)
-            done = s + 1
-            if done % config.log_every == 0 or done == config.num_steps:
-                l_gen = float(np.mean(jax.device_get(history)))
-                if not math.isfinite(l_gen):
-                    raise FloatingPointError(f"l_gen is {l_gen} at step {done}")
-                log(
-                    {
-                        "step": done,
-                        "split": "train",
-                        "l_gen": l_gen,
-                        "grad_norm": float(np.mean(jax.device_get(gnorms))),
-                        "time_s": time.perf_counter() - t0,
-                    }
-                )
-                history, gnorms = [], []
-                bar.set_postfix(l_gen=f"{l_gen:.2f}")
-            if done % config.val_every == 0 or done == config.num_steps:
-                rec = val_record(params, done)
-                rec["time_s"] = time.perf_counter() - t0
-                log(rec)
-                bar.write(
-                    f"step {done}: val_nll {rec['val_nll']:.3f} "
-                    f"(uncond {rec['val_nll_uncond']:.3f}) train_nll {rec['train_nll']:.3f}"
-                )
-                if rec["val_nll"] < best[0]:
-                    best = (rec["val_nll"], params, done)
-    t_flow = time.perf_counter() - t0
-    params = best[1]
-
-    # Property predictor.
-    t1 = time.perf_counter()
-    pred_params, pred = train_predictor(
-        zt, yt, zv, yv, config.predictor, k_pred, log, config.progress
-    )
-    t_pred = time.perf_counter() - t1
-    mae = {k: float(pred["val_mae_std"][q] * ps[q]) for q, k in enumerate(names)}
-    baseline = {
-        k: float(np.nanmean(np.abs(val["props"][:, q] - np.nanmedian(train["props"][:, q]))))
-        for q, k in enumerate(names)
-    }
-
+    (t, yt), (v, yv) = split(train), split(val)
+    sgt = train["spacegroup"]
     stats = {
         "z_mean": z_mean.astype(np.float32),
         "z_std": z_std.astype(np.float32),
@@ -582,13 +495,250 @@ def train_flow(
             np.bincount(np.clip(sgt, 0, 230), minlength=231) / max(len(sgt), 1)
         ).astype(np.float32),
     }
+    return LatentData(t, v, yt, yv, names, cond_idx, ps, stats)
+
+
+def _flow_config(config: ml_collections.ConfigDict, model: dict[str, Any], dim: int) -> FlowConfig:
+    """`FlowConfig` of ``config.flow`` for latents of ``dim`` (parts from the model)."""
+    parts = (
+        ("lattice", model["latent_lattice"]),
+        ("comp", model["latent_comp"]),
+        ("struct", model["latent_struct"]),
+    )
+    return FlowConfig(
+        dim=dim,
+        n_props=len(config.properties),
+        use_spacegroup=config.spacegroup_source != "none",
+        parts=parts if sum(s for _, s in parts) == dim else (),
+        seed=config.seed,
+        **{
+            k: (tuple(v) if isinstance(v, list | tuple) else v)
+            for k, v in config.flow.to_dict().items()
+        },
+    )
+
+
+class FlowFit(NamedTuple):
+    """What `fit_flow` returns."""
+
+    params: Any  # the flow parameters of the best validation step
+    val_nll: float  # their validation NLL
+    best_step: int
+    val_nll_init: float  # validation NLL of the initial flow
+    interrupted: bool  # stopped by SIGTERM / SIGINT (checkpoint saved; re-run resumes)
+
+
+def _val_record(flow: Any, params: Any, data: LatentData) -> dict[str, float]:
+    """Validation (and first-4096-training-rows) NLLs of ``params``, nats per crystal."""
+    t, v = data.train, data.val
+    rec = {
+        "val_nll": _nll(flow, params, v.z, v.props, v.spacegroup, True),
+        "val_nll_uncond": _nll(flow, params, v.z, v.props, v.spacegroup, False),
+        "train_nll": _nll(flow, params, t.z[:4096], t.props[:4096], t.spacegroup[:4096], True),
+    }
+    rec["val_nll_per_dim"] = rec["val_nll"] / t.z.shape[1]
+    return rec
+
+
+def fit_flow(
+    flow: Any,
+    params0: Any,
+    data: LatentData,
+    config: ml_collections.ConfigDict,
+    out_dir: Path,
+    key: jax.Array,
+    log: Logger,
+    run_key: str,
+) -> FlowFit:
+    """Trains the flow by maximum likelihood with `train.loop.run_loop` (the autoencoder's
+    loop: sharded step, non-finite guard, checkpoints in ``out_dir/checkpoints`` every
+    ``checkpoint_every`` steps and at each validation, resume, SIGTERM / SIGINT).
+
+    A checkpoint folder written with another ``run_key`` (other settings or autoencoder;
+    kept in ``out_dir/checkpoints.key``) is replaced; one of the same key is resumed from
+    its newest readable step.
+    """
+    mesh = parallel.make_mesh()
+    tx, schedule = optimizer(OptimizerSettings.from_config(config, config.num_steps))
+    noise = noise_scales(
+        config.z_noise, config.get("z_noise_parts", None), flow.config.parts, flow.config.dim
+    )
+    gen_loss = make_flow_loss(
+        flow, noise, config.p_uncond, config.p_drop_props, config.p_drop_spacegroup
+    )
+
+    def loss_fn(params, batch, k):
+        l_gen = gen_loss(params, batch.z, batch.props, batch.spacegroup, k)
+        return l_gen, {"l_gen": l_gen}
+
+    train_step = parallel.jit_train_step(make_train_step(loss_fn, tx, schedule), mesh)
+    init = functools.partial(initial_state, tx=tx, ema=False)
+    abstract = parallel.abstract_state(init, mesh, params0)
+    batch = min(config.batch_size, len(data.train.z))
+    it = LatentBatches(data.train, batch, config.seed, mesh.size)
+    ckpt_dir = out_dir / "checkpoints"
+    if not _resumable(out_dir, run_key):
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # another stage's: start afresh
+        (out_dir / "checkpoints.key").write_text(run_key)
+    ckpt = Checkpointer(
+        ckpt_dir, max_to_keep=int(config.get("keep_checkpoints", 3)), best_metric="val_nll",
+        async_save=bool(config.get("async_checkpoint", True)),
+    )  # fmt: skip
+    if ckpt.steps():
+        state, saved, _ = restore_state(ckpt, abstract)
+        it.restore(saved["data"])
+        val_nll_init = float(saved["val_nll_init"])
+    else:
+        state = parallel.create_state(init, mesh, params0)
+        first = _val_record(flow, params0, data)
+        log({"step": 0, "split": "val", **first})
+        val_nll_init = first["val_nll"]
+
+    seen: dict[int, float] = {}  # validation NLL by step
+
+    def evaluate(state: dict[str, Any]) -> dict[str, Any]:
+        rec = _val_record(flow, jax.device_get(state["params"]), data)
+        seen[int(state["step"])] = rec["val_nll"]
+        if config.progress and jax.process_index() == 0:
+            tqdm.write(
+                f"step {int(state['step'])}: val_nll {rec['val_nll']:.3f} "
+                f"(uncond {rec['val_nll_uncond']:.3f}) train_nll {rec['train_nll']:.3f}"
+            )
+        return rec
+
+    loop = LoopSettings(
+        num_steps=config.num_steps,
+        log_every=config.log_every,
+        checkpoint_every=int(config.get("checkpoint_every", config.val_every)),
+        max_nonfinite_steps=int(config.get("max_nonfinite_steps", 10)),
+        best_metric=("val_nll", "val_nll"),
+        progress=config.progress,
+        desc="train-flow",
+        postfix=(("l_gen", "l_gen"),),
+    )
+
+    def meta() -> dict[str, Any]:
+        return {"data": it.state(), "val_nll_init": val_nll_init}
+
+    try:
+        result = run_loop(
+            state, train_step, it, key, mesh, ckpt, meta, log, loop, time.perf_counter(),
+            evaluate, lambda done: done % config.val_every == 0 or done == config.num_steps,
+        )  # fmt: skip
+        ckpt.wait()
+        best = ckpt.best_step()
+        if best is None:  # no validation yet (interrupted before the first)
+            params, val_nll = params0, float("inf")
+        else:
+            state = result.state
+            if best != int(state["step"]):
+                state = ckpt.restore(abstract, best)[0]
+            params = jax.device_get(state["params"])
+            val_nll = seen[best] if best in seen else _val_record(flow, params, data)["val_nll"]
+    finally:
+        ckpt.close()
+    return FlowFit(params, val_nll, best or 0, val_nll_init, result.interrupted is not None)
+
+
+def _resumable(out_dir: Path, run_key: str) -> bool:
+    """Whether ``out_dir/checkpoints`` was written by a stage of the same ``run_key``."""
+    key_file = out_dir / "checkpoints.key"
+    return key_file.exists() and key_file.read_text() == run_key
+
+
+def _reused_flow(workdir: Path, flow_config: FlowConfig, log: Logger) -> FlowFit:
+    """``reuse_flow``: the flow of the saved bundle (same settings), not retrained."""
+    saved, saved_meta = load_pytree(workdir / BUNDLE)
+    if saved_meta["flow_config"] != json.loads(json.dumps(dataclasses.asdict(flow_config))):
+        raise ValueError("reuse_flow: the saved flow has other settings")
+    prev = saved_meta["summary"]
+    log({"step": 0, "split": "info", "reused_flow": True, "val_nll": prev["val_nll"]})
+    params = jax.tree.map(jnp.asarray, saved["flow"])
+    return FlowFit(params, prev["val_nll"], prev["best_step"], prev["val_nll_init"], False)
+
+
+def train_flow(
+    workdir: str | Path,
+    config: ml_collections.ConfigDict,
+    checkpoint: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Trains the latent flow and the property predictor of a run (module docstring).
+
+    The flow trains with the autoencoder's loop (`fit_flow`, `train.loop.run_loop`):
+    re-running an interrupted stage resumes it from ``workdir/flow/checkpoints``.
+
+    Args:
+      workdir: the autoencoder run (``autoperi train``); outputs go to ``workdir/flow``.
+      config: a ``train/configs/flow_perov_5.py``-style config.
+      checkpoint: the autoencoder as `autoperi_jax.checkpoint.load_checkpoint` returns
+        it (``config``, ``params``, ``normalisers``, ``step``); default: the latest one
+        of ``workdir``.
+
+    Returns:
+      The summary written to ``workdir/flow/summary.json`` (NLLs, predictor MAEs, times),
+      or ``{"interrupted": True}`` when SIGTERM / SIGINT stopped the flow's training.
+    """
+    t_start = time.perf_counter()
+    workdir = Path(workdir)
+    out_dir = workdir / "flow"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = load_checkpoint(workdir) if checkpoint is None else checkpoint
+    train = latent_split(workdir, ckpt, config, "train")
+    val = latent_split(workdir, ckpt, config, "val")
+    t_encode = time.perf_counter() - t_start
+    data = standardise(train, val, config)
+    ae = _ae_meta(ckpt)
+    flow_config = _flow_config(config, ae["model"], data.train.z.shape[1])
+    flow = make_flow(flow_config)
+    k_init, k_train, k_pred = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+    params0 = flow.init(k_init)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params0))
+    reuse = bool(config.get("reuse_flow", False))
+    run_key = json.dumps({"config": config.to_dict(), "autoencoder_step": ae["step"]})
+    fresh = not (reuse or _resumable(out_dir, run_key))  # else append to metrics.jsonl
+    log = Logger(out_dir, jax.process_index() == 0, tensorboard=False, fresh=fresh)
+    log(
+        {
+            "step": 0,
+            "split": "info",
+            "n_train": len(data.train.z),
+            "n_val": len(data.val.z),
+            "dim": flow_config.dim,
+            "flow_params": n_params,
+            "cond_names": list(config.properties),
+            "pred_names": data.names,
+            "encode_s": t_encode,
+        }
+    )
+    t0 = time.perf_counter()
+    if reuse:
+        fit = _reused_flow(workdir, flow_config, log)
+    else:
+        fit = fit_flow(flow, params0, data, config, out_dir, k_train, log, run_key)
+    if fit.interrupted:
+        log.close()
+        return {"interrupted": True}
+    t_flow = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    pred_params, pred = train_predictor(
+        data.train.z, data.y_train, data.val.z, data.y_val, config.predictor, k_pred, log,
+        config.progress,
+    )  # fmt: skip
+    t_pred = time.perf_counter() - t1
+    names, sgt = data.names, train["spacegroup"]
     summary = {
-        "val_nll": best[0],
-        "best_step": best[2],
-        "val_nll_init": first["val_nll"],
-        "val_nll_per_dim": best[0] / zt.shape[1],
-        "predictor_val_mae": mae,
-        "predictor_val_mae_median_baseline": baseline,
+        "val_nll": fit.val_nll,
+        "best_step": fit.best_step,
+        "val_nll_init": fit.val_nll_init,
+        "val_nll_per_dim": fit.val_nll / flow_config.dim,
+        "predictor_val_mae": {
+            k: float(pred["val_mae_std"][q] * data.prop_std[q]) for q, k in enumerate(names)
+        },
+        "predictor_val_mae_median_baseline": {
+            k: float(np.nanmean(np.abs(val["props"][:, q] - np.nanmedian(train["props"][:, q]))))
+            for q, k in enumerate(names)
+        },
         "predictor_best_step": pred["step"],
         "flow_params": n_params,
         "encode_s": t_encode,
@@ -599,8 +749,7 @@ def train_flow(
         },
     }
     log({"step": config.num_steps, "split": "summary", **summary})
-    logf.close()
-    sampler = {k: v for k, v in config.sampler.to_dict().items()}
+    log.close()
     meta = {
         "format": 1,
         "autoencoder": ae,
@@ -608,7 +757,7 @@ def train_flow(
         "cond_names": list(config.properties),
         "pred_names": names,
         "predictor_hidden": list(config.predictor.hidden),
-        "sampler": sampler,
+        "sampler": config.sampler.to_dict(),
         "spacegroup_source": config.spacegroup_source,
         "symprec": config.symprec,
         "summary": summary,
@@ -616,9 +765,9 @@ def train_flow(
     }
     tree = {
         "autoencoder": ckpt["params"],
-        "flow": params,
+        "flow": fit.params,
         "predictor": pred_params,
-        "stats": stats,
+        "stats": data.stats,
     }
     save_pytree(workdir / BUNDLE, jax.device_get(tree), meta)
     (out_dir / "summary.json").write_text(json.dumps(to_jsonable(summary), indent=2))

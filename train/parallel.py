@@ -105,6 +105,16 @@ def sharded_loss(
     return fn
 
 
+def abstract_state(init_fn: Callable[..., Any], mesh: Mesh, *args: Any) -> Any:
+    """The shapes, dtypes and (replicated) shardings of ``init_fn(*args)`` without computing
+    it (`jax.eval_shape`): the restore target of a checkpoint."""
+    rep = replicated(mesh)
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
+        jax.eval_shape(init_fn, *args),
+    )
+
+
 def create_state(init_fn: Callable[..., Any], mesh: Mesh, *args: Any) -> Any:
     """Builds the train state ``init_fn(*args)`` directly on the mesh, replicated: its
     abstract shape comes from `jax.eval_shape` and ``init_fn`` is jitted with matching

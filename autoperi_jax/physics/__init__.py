@@ -24,7 +24,8 @@ Main entry points:
   ``min_omega2``, ``stability_loss``, ``monkhorst_pack``, ``gamma_and_mp_grid``.
 * Chemistry: ``coordination_numbers``, ``ionic_roles``, ``chem_loss``, ``ideal_cn_table``,
   ``ideal_cn_from_table``; ``composition_valid`` (jitted SMACT charge-neutrality rule).
-* Losses: ``physics_losses``, ``l_phys``, ``batch_physics_losses``.
+* Losses: ``physics_losses``, ``l_phys``, ``batch_physics_losses``; the training loss's
+  batched term ``make_objective_fn`` with its typed settings ``PhysicsObjective``.
 * Reference (NumPy/ASE, host): ``NumpyPairCalculator``, ``phonopy_from_atoms``.
 """
 
@@ -51,6 +52,7 @@ from autoperi_jax.physics.losses import (
     l_phys,
     physics_losses,
 )
+from autoperi_jax.physics.objective import PhysicsObjective, make_objective_fn
 from autoperi_jax.physics.phonons import (
     VASP_TO_THZ,
     PhononResult,
@@ -97,6 +99,7 @@ __all__ = [
     "NumpyPairCalculator",
     "PairPotential",
     "PhononResult",
+    "PhysicsObjective",
     "RelaxResult",
     "atomic_energies",
     "batch_energy",
@@ -123,6 +126,7 @@ __all__ = [
     "images_cover_cutoff",
     "ionic_roles",
     "l_phys",
+    "make_objective_fn",
     "make_pair_potential",
     "min_distance",
     "min_distance_ratio",

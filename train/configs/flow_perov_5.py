@@ -54,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.p_drop_spacegroup = 0.2  # and the space group
     c.log_every = 50
     c.val_every = 1000
+    # Checkpoints in RUN/flow/checkpoints (also at every validation): re-running resumes.
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3  # the last N, plus the best validation step
+    c.max_nonfinite_steps = 10  # non-finite steps in a row (skipped) that stop the stage
     c.reuse_flow = False  # True: keep RUN/flow/model's flow, retrain the predictor only
 
     # Property predictor (MLP head on the frozen encoder's z).
