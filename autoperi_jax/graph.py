@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from autoperi_jax.elements import atom_features
+from autoperi_jax.lattice import cell_to_lattice_params, xp_of
 
 __all__ = [
     "BatchIterator",
@@ -312,7 +313,7 @@ def batch_graphs(graphs: Sequence[CrystalGraph], budget: PaddingBudget | None = 
     Returns:
       `jraph.GraphsTuple` of numpy arrays.
     """
-    import jraph
+    import jraph  # lazy: jraph + jax 0.6 s; data workers and the CLI build graphs without them
 
     n_node = np.array([len(g.numbers) for g in graphs], dtype=np.int32)
     n_edge = np.array([len(g.senders) for g in graphs], dtype=np.int32)
@@ -343,8 +344,6 @@ def batch_graphs(graphs: Sequence[CrystalGraph], budget: PaddingBudget | None = 
         shifts[:e_real] = np.concatenate([g.shifts for g in graphs]).reshape(-1, 3)
         cell[:g_real] = np.stack([g.cell for g in graphs])
         props[:g_real] = np.stack([g.properties for g in graphs]).reshape(g_real, n_prop)
-    from autoperi_jax.crystal import cell_to_lattice_params
-
     full_n_node = np.zeros(G, np.int32)
     full_n_edge = np.zeros(G, np.int32)
     full_n_node[:g_real] = n_node
@@ -374,7 +373,7 @@ def batch_graphs(graphs: Sequence[CrystalGraph], budget: PaddingBudget | None = 
 
 def stack_graphs(batches: Sequence[Any]):
     """Stacks equally padded GraphsTuples along a new leading (shard) axis."""
-    import jax
+    import jax  # lazy: host-only users (data workers, the CLI) skip jax (0.6 s)
 
     return jax.tree.map(lambda *xs: np.stack(xs), *batches)
 
@@ -502,7 +501,7 @@ def safe_norm(x, axis: int = -1, eps: float = 1e-12):
     Returns:
       [...] norms; exactly 0 where x is 0, with zero gradient there.
     """
-    import jax.numpy as jnp
+    import jax.numpy as jnp  # lazy: host-only users (data workers, the CLI) skip jax (0.6 s)
 
     sq = jnp.sum(x * x, axis=axis)
     ok = sq > eps
@@ -524,9 +523,7 @@ def edge_vectors(frac, cell, senders, receivers, shifts, edge_graph=None):
     Returns:
       [n_edges, 3] Cartesian edge vectors in A.
     """
-    from autoperi_jax.crystal import _xp
-
-    xp = _xp(frac)
+    xp = xp_of(frac)
     d = frac[senders] + shifts.astype(frac.dtype) - frac[receivers]  # [E, 3]
     if edge_graph is None:
         return d @ cell
@@ -535,14 +532,14 @@ def edge_vectors(frac, cell, senders, receivers, shifts, edge_graph=None):
 
 def edge_graph_index(n_edge, total_edges: int):
     """[total_edges] graph index of every edge from ``n_edge`` [G] (jit-safe)."""
-    import jax.numpy as jnp
+    import jax.numpy as jnp  # lazy: host-only users (data workers, the CLI) skip jax (0.6 s)
 
     return jnp.repeat(jnp.arange(n_edge.shape[0]), n_edge, total_repeat_length=total_edges)
 
 
 def node_graph_index(n_node, total_nodes: int):
     """[total_nodes] graph index of every node from ``n_node`` [G] (jit-safe)."""
-    import jax.numpy as jnp
+    import jax.numpy as jnp  # lazy: host-only users (data workers, the CLI) skip jax (0.6 s)
 
     return jnp.repeat(jnp.arange(n_node.shape[0]), n_node, total_repeat_length=total_nodes)
 
@@ -569,7 +566,7 @@ def dense_neighbor_list(frac, cell, atom_mask, cutoff: float, max_shift: int, ma
       count, may exceed max_edges), ``overflow`` (bool: edges were dropped) and
       ``complete`` (bool: max_shift covers the cutoff for this cell).
     """
-    import jax.numpy as jnp
+    import jax.numpy as jnp  # lazy: host-only users (data workers, the CLI) skip jax (0.6 s)
 
     n = frac.shape[0]
     shifts = jnp.asarray(_shift_grid([max_shift] * 3), dtype=jnp.int32)  # [S, 3]
