@@ -62,8 +62,8 @@ from autoperi_jax.model import (
     make_reconstruct_fn,
 )
 from autoperi_jax.nn import Autoencoder
+from autoperi_jax.protocol import CDVAE_MATCHER
 from autoperi_jax.sampling import SamplerSettings, decoding_settings
-from eval.protocol import CDVAE_MATCHER
 
 __all__ = [
     "Reconstruction",
@@ -297,7 +297,7 @@ def match_metrics(
     smact = None
     if check_composition:
         try:
-            from eval.metrics import smact_validity as smact
+            from autoperi_jax.physics.composition_host import smact_validity as smact
         except ImportError:
             smact = None
     rms, valid, any_match = [], [], []
