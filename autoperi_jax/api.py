@@ -35,9 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from autoperi_jax.checkpoint import load_pytree
 from autoperi_jax.crystal import Crystal
 from autoperi_jax.distinct import DistinctFilter
 from autoperi_jax.flow import FlowConfig
+from autoperi_jax.graph import GraphSettings, PaddingBudget, batch_graphs, crystal_to_graph
 from autoperi_jax.model import ModelSettings, decoded_to_crystals, make_decode_fn, make_encode_fn
 from autoperi_jax.nn.autoencoder import Autoencoder
 from autoperi_jax.sampling import (
@@ -72,8 +74,6 @@ def padded_batches(graphs: Sequence[Any], batch_size: int) -> Iterator[tuple[Any
     """Padded `jraph.GraphsTuple` batches of ``graphs`` in order, with ``batch_size + 1``
     graph slots each and node / edge budgets rounded up to powers of two (a few compiled
     shapes whatever the data). Yields (batch, number of real graphs)."""
-    from autoperi_jax.graph import PaddingBudget, batch_graphs
-
     for start in range(0, len(graphs), batch_size):
         chunk = list(graphs[start : start + batch_size])
         n_node = sum(len(g.numbers) for g in chunk)
@@ -330,8 +330,6 @@ class Generator:
 
     # ------------------------------------------------------------ encode / decode
     def _graphs(self, crystals: Sequence[Crystal]) -> list[Any]:
-        from autoperi_jax.graph import GraphSettings, crystal_to_graph
-
         gs = GraphSettings(cutoff=self.graph_cutoff, max_neighbors=self.graph_max_neighbors)
         return [crystal_to_graph(c, gs) for c in crystals]
 
@@ -406,8 +404,6 @@ def load(
     Returns:
       A `Generator`.
     """
-    from autoperi_jax.checkpoint import load_pytree
-
     workdir = Path(workdir)
     bundle = workdir if (workdir / "meta.json").exists() else workdir / BUNDLE
     if not (bundle / "meta.json").exists():

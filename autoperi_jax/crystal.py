@@ -9,8 +9,9 @@ Geometry convention (the only one in this code base):
 
 jax-md wants columns (``box = cell.T``); convert only at that boundary.
 
-The lattice-parameter functions accept numpy or jax arrays (and work under ``jax.jit``), so
-the decoder and the host-side I/O share one implementation.
+The lattice-parameter functions (`cell_to_lattice_params`, `lattice_params_to_cell`,
+`wrap_frac`) live in `autoperi_jax.lattice` and are re-exported here; they accept numpy or
+jax arrays, so the decoder and the host-side I/O share one implementation.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from autoperi_jax.elements import ATOMIC_MASS
+from autoperi_jax.graph import min_image_free_distances
+from autoperi_jax.lattice import cell_to_lattice_params, lattice_params_to_cell, wrap_frac
+
 __all__ = [
     "Crystal",
     "CrystalError",
@@ -38,85 +43,6 @@ __all__ = [
 
 class CrystalError(ValueError):
     """A structure that cannot be represented or is physically malformed."""
-
-
-def _xp(x: Any):
-    """numpy for host arrays, jax.numpy for traced / device arrays."""
-    if isinstance(x, np.ndarray | float | int | list | tuple):
-        return np
-    import jax.numpy as jnp
-
-    return jnp
-
-
-def wrap_frac(frac):
-    """Wraps fractional coordinates into [0, 1).
-
-    ``x % 1.0`` returns exactly 1.0 for tiny negative x in floating point; those are mapped
-    to 0.0 so the result is strictly below 1.
-
-    Args:
-      frac: [..., 3] fractional coordinates (numpy or jax).
-
-    Returns:
-      [..., 3] coordinates in [0, 1).
-    """
-    xp = _xp(frac)
-    w = xp.mod(frac, 1.0)
-    return xp.where(w >= 1.0, 0.0, w)
-
-
-def cell_to_lattice_params(cell):
-    """Lattice parameters of a cell.
-
-    Args:
-      cell: [..., 3, 3] rows are lattice vectors (A).
-
-    Returns:
-      [..., 6]: a, b, c in A and alpha, beta, gamma in degrees, where alpha is the angle
-      between b and c, beta between a and c, gamma between a and b.
-    """
-    xp = _xp(cell)
-    lengths = xp.linalg.norm(cell, axis=-1)  # [..., 3]
-    a, b, c = cell[..., 0, :], cell[..., 1, :], cell[..., 2, :]
-
-    def angle(u, v, lu, lv):
-        cos = xp.sum(u * v, axis=-1) / (lu * lv)
-        return xp.degrees(xp.arccos(xp.clip(cos, -1.0, 1.0)))
-
-    alpha = angle(b, c, lengths[..., 1], lengths[..., 2])
-    beta = angle(a, c, lengths[..., 0], lengths[..., 2])
-    gamma = angle(a, b, lengths[..., 0], lengths[..., 1])
-    return xp.concatenate([lengths, xp.stack([alpha, beta, gamma], axis=-1)], axis=-1)
-
-
-def lattice_params_to_cell(params):
-    """Cell in the canonical orientation from lattice parameters.
-
-    The orientation is ASE's ``cellpar_to_cell`` default: a along x, b in the xy plane,
-    c completing a right-handed cell. Any rotation of a cell gives the same parameters;
-    this picks one representative.
-
-    Args:
-      params: [..., 6] a, b, c (A), alpha, beta, gamma (degrees).
-
-    Returns:
-      [..., 3, 3] cell, rows are lattice vectors. The volume is positive whenever the
-      angles describe a realisable cell.
-    """
-    xp = _xp(params)
-    a, b, c = params[..., 0], params[..., 1], params[..., 2]
-    al, be, ga = (xp.radians(params[..., i]) for i in (3, 4, 5))
-    cos_al, cos_be, cos_ga = xp.cos(al), xp.cos(be), xp.cos(ga)
-    sin_ga = xp.sin(ga)
-    cx = cos_be
-    cy = (cos_al - cos_be * cos_ga) / sin_ga
-    cz = xp.sqrt(xp.maximum(1.0 - cx**2 - cy**2, 0.0))
-    zero = xp.zeros_like(a)
-    va = xp.stack([a, zero, zero], axis=-1)
-    vb = xp.stack([b * cos_ga, b * sin_ga, zero], axis=-1)
-    vc = xp.stack([c * cx, c * cy, c * cz], axis=-1)
-    return xp.stack([va, vb, vc], axis=-2)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -192,8 +118,6 @@ class Crystal:
     @property
     def density(self) -> float:
         """Mass density in g/cm^3."""
-        from autoperi_jax.elements import ATOMIC_MASS
-
         mass_amu = float(np.sum(np.asarray(ATOMIC_MASS)[self.numbers]))
         return mass_amu * 1.66053906660 / self.volume
 
@@ -210,8 +134,6 @@ class Crystal:
         An atom's distance to its own images counts too, so a one-atom cell returns its
         shortest lattice translation.
         """
-        from autoperi_jax.graph import min_image_free_distances
-
         return float(min_image_free_distances(self.frac_coords, self.cell).min())
 
     def validate(self, min_distance: float = 0.5, max_atoms: int | None = None) -> None:
@@ -257,7 +179,7 @@ class Crystal:
 
     def to_ase(self):
         """An `ase.Atoms` with pbc=True; properties go to ``atoms.info``."""
-        from ase import Atoms
+        from ase import Atoms  # lazy: only conversions need ase
 
         atoms = Atoms(
             numbers=self.numbers, scaled_positions=self.frac_coords, cell=self.cell, pbc=True
@@ -283,7 +205,7 @@ class Crystal:
 
     def to_pymatgen(self):
         """A pymatgen `Structure` with the same cell (rows) and fractional coordinates."""
-        from pymatgen.core import Lattice, Structure
+        from pymatgen.core import Lattice, Structure  # lazy: only pymatgen conversions need it
 
         return Structure(
             Lattice(self.cell), self.numbers.tolist(), self.frac_coords, coords_are_cartesian=False
@@ -296,7 +218,7 @@ class Crystal:
         Raises:
           CrystalError: naming ``name`` (or the file) when the CIF cannot be parsed.
         """
-        from pymatgen.core import Structure
+        from pymatgen.core import Structure  # lazy: only pymatgen conversions need it
 
         text = str(cif)
         if "\n" not in text and Path(text).suffix.lower() == ".cif":
@@ -320,7 +242,7 @@ class Crystal:
 
     def to_cif(self, path: str | os.PathLike | None = None) -> str:
         """CIF text (pymatgen `CifWriter`, P1); also written to ``path`` if given."""
-        from pymatgen.io.cif import CifWriter
+        from pymatgen.io.cif import CifWriter  # lazy: only CIF output needs it
 
         text = str(CifWriter(self.to_pymatgen()))
         if path is not None:
@@ -342,7 +264,7 @@ class Crystal:
           to_primitive: reduce to the standardized primitive cell.
           symprec: spglib distance tolerance in A.
         """
-        import spglib
+        import spglib  # lazy: only symmetry analysis needs it
 
         res = spglib.standardize_cell(
             (self.cell, self.frac_coords, self.numbers),
@@ -390,7 +312,7 @@ class Crystal:
           rotations [n_ops, 3, 3] int and translations [n_ops, 3], acting as
           ``frac' = frac @ W.T + w``.
         """
-        import spglib
+        import spglib  # lazy: only symmetry analysis needs it
 
         sym = spglib.get_symmetry((self.cell, self.frac_coords, self.numbers), symprec=symprec)
         if sym is None:
@@ -405,7 +327,7 @@ class Crystal:
 
     def spacegroup(self, symprec: float = 0.1) -> int:
         """International space-group number (spglib); 0 if spglib finds none."""
-        import spglib
+        import spglib  # lazy: only symmetry analysis needs it
 
         ds = spglib.get_symmetry_dataset(
             (self.cell, self.frac_coords, self.numbers), symprec=symprec
@@ -475,7 +397,7 @@ def read_structures(path: str | os.PathLike, index: str = ":") -> list[Crystal]:
       CrystalError: naming the file (and the frame) when it is empty, cannot be parsed, or
         holds a non-periodic structure.
     """
-    import ase.io
+    import ase.io  # lazy: ase.io 0.5 s, only file I/O needs it
 
     path = Path(path)
     if not path.exists():
@@ -484,7 +406,7 @@ def read_structures(path: str | os.PathLike, index: str = ":") -> list[Crystal]:
         raise CrystalError(f"{path}: file is empty")
     try:
         if path.suffix == ".db":
-            import ase.db
+            import ase.db  # lazy: only ASE databases need it
 
             with ase.db.connect(path) as db:
                 images = []
@@ -516,7 +438,7 @@ def write_structures(
 
     Both are read back by ASE (``ase.io.read(path, ':')``) and pymatgen.
     """
-    import ase.io
+    import ase.io  # lazy: ase.io 0.5 s, only file I/O needs it
 
     path = Path(path)
     if path.suffix in (".xyz", ".extxyz"):

@@ -21,15 +21,17 @@ from typing import Any
 import numpy as np
 
 from autoperi_jax.crystal import Crystal
+from autoperi_jax.protocol import NOVELTY_MATCHER
 
 __all__ = ["DEFAULT_TOLERANCES", "DistinctFilter", "matcher", "reduced_formula", "safe_fit"]
 
-#: pymatgen's default ``StructureMatcher`` tolerances (= ``eval.protocol.NOVELTY_MATCHER``).
-DEFAULT_TOLERANCES: dict[str, float] = {"stol": 0.3, "angle_tol": 5.0, "ltol": 0.2}
+#: pymatgen's default ``StructureMatcher`` tolerances: the protocol's `NOVELTY_MATCHER`.
+DEFAULT_TOLERANCES: dict[str, float] = NOVELTY_MATCHER
 
 
 def reduced_formula(c: Crystal) -> str:
     """pymatgen's reduced formula of a crystal's composition (groups uniqueness / novelty)."""
+    # lazy, as the matcher below: pymatgen (0.6 s) loads only when structures are compared
     from pymatgen.core import Composition
     from pymatgen.core.periodic_table import Element
 
@@ -39,7 +41,7 @@ def reduced_formula(c: Crystal) -> str:
 
 def matcher(tolerances: Mapping[str, float] = DEFAULT_TOLERANCES) -> Any:
     """pymatgen ``StructureMatcher`` with ``ltol`` / ``stol`` / ``angle_tol`` from the mapping."""
-    from pymatgen.analysis.structure_matcher import StructureMatcher
+    from pymatgen.analysis.structure_matcher import StructureMatcher  # lazy: 0.6 s
 
     return StructureMatcher(
         ltol=tolerances["ltol"], stol=tolerances["stol"], angle_tol=tolerances["angle_tol"]

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from autoperi_jax.elements import atom_features
+from autoperi_jax.lattice import cell_to_lattice_params, xp_of
 
 __all__ = [
     "BatchIterator",
@@ -45,6 +46,7 @@ __all__ = [
     "edge_vectors",
     "make_buckets",
     "neighbor_list",
+    "periodic_candidates",
     "rewrap",
     "safe_norm",
 ]
@@ -312,7 +314,7 @@ def batch_graphs(graphs: Sequence[CrystalGraph], budget: PaddingBudget | None = 
     Returns:
       `jraph.GraphsTuple` of numpy arrays.
     """
-    import jraph
+    import jraph  # lazy: jraph + jax 0.6 s; data workers and the CLI build graphs without them
 
     n_node = np.array([len(g.numbers) for g in graphs], dtype=np.int32)
     n_edge = np.array([len(g.senders) for g in graphs], dtype=np.int32)
@@ -343,8 +345,6 @@ def batch_graphs(graphs: Sequence[CrystalGraph], budget: PaddingBudget | None = 
         shifts[:e_real] = np.concatenate([g.shifts for g in graphs]).reshape(-1, 3)
         cell[:g_real] = np.stack([g.cell for g in graphs])
         props[:g_real] = np.stack([g.properties for g in graphs]).reshape(g_real, n_prop)
-    from autoperi_jax.crystal import cell_to_lattice_params
-
     full_n_node = np.zeros(G, np.int32)
     full_n_edge = np.zeros(G, np.int32)
     full_n_node[:g_real] = n_node
@@ -374,7 +374,7 @@ def batch_graphs(graphs: Sequence[CrystalGraph], budget: PaddingBudget | None = 
 
 def stack_graphs(batches: Sequence[Any]):
     """Stacks equally padded GraphsTuples along a new leading (shard) axis."""
-    import jax
+    import jax  # lazy: host-only users (data workers, the CLI) skip jax (0.6 s)
 
     return jax.tree.map(lambda *xs: np.stack(xs), *batches)
 
@@ -502,7 +502,7 @@ def safe_norm(x, axis: int = -1, eps: float = 1e-12):
     Returns:
       [...] norms; exactly 0 where x is 0, with zero gradient there.
     """
-    import jax.numpy as jnp
+    import jax.numpy as jnp  # lazy: host-only users (data workers, the CLI) skip jax (0.6 s)
 
     sq = jnp.sum(x * x, axis=axis)
     ok = sq > eps
@@ -524,9 +524,7 @@ def edge_vectors(frac, cell, senders, receivers, shifts, edge_graph=None):
     Returns:
       [n_edges, 3] Cartesian edge vectors in A.
     """
-    from autoperi_jax.crystal import _xp
-
-    xp = _xp(frac)
+    xp = xp_of(frac)
     d = frac[senders] + shifts.astype(frac.dtype) - frac[receivers]  # [E, 3]
     if edge_graph is None:
         return d @ cell
@@ -535,14 +533,14 @@ def edge_vectors(frac, cell, senders, receivers, shifts, edge_graph=None):
 
 def edge_graph_index(n_edge, total_edges: int):
     """[total_edges] graph index of every edge from ``n_edge`` [G] (jit-safe)."""
-    import jax.numpy as jnp
+    import jax.numpy as jnp  # lazy: host-only users (data workers, the CLI) skip jax (0.6 s)
 
     return jnp.repeat(jnp.arange(n_edge.shape[0]), n_edge, total_repeat_length=total_edges)
 
 
 def node_graph_index(n_node, total_nodes: int):
     """[total_nodes] graph index of every node from ``n_node`` [G] (jit-safe)."""
-    import jax.numpy as jnp
+    import jax.numpy as jnp  # lazy: host-only users (data workers, the CLI) skip jax (0.6 s)
 
     return jnp.repeat(jnp.arange(n_node.shape[0]), n_node, total_repeat_length=total_nodes)
 
@@ -569,7 +567,7 @@ def dense_neighbor_list(frac, cell, atom_mask, cutoff: float, max_shift: int, ma
       count, may exceed max_edges), ``overflow`` (bool: edges were dropped) and
       ``complete`` (bool: max_shift covers the cutoff for this cell).
     """
-    import jax.numpy as jnp
+    import jax.numpy as jnp  # lazy: host-only users (data workers, the CLI) skip jax (0.6 s)
 
     n = frac.shape[0]
     shifts = jnp.asarray(_shift_grid([max_shift] * 3), dtype=jnp.int32)  # [S, 3]
@@ -599,4 +597,76 @@ def dense_neighbor_list(frac, cell, atom_mask, cutoff: float, max_shift: int, ma
         "num_edges": num,
         "overflow": num > max_edges,
         "complete": complete,
+    }
+
+
+def periodic_candidates(
+    frac: Any,  # [G, A, 3]
+    cell: Any,  # [G, 3, 3]
+    mask: Any,  # [G, A] bool
+    cutoff: float,
+    max_shift: int,
+    edges_per_crystal: int,
+) -> dict[str, Any]:
+    """In-jit periodic neighbour list of a batch of dense crystals, as one edge list.
+
+    Every ordered atom pair of a crystal and every image in ``[-max_shift, max_shift]^3``
+    with distance < ``cutoff`` is an edge (no zero-shift self pair), as in
+    `autoperi_jax.graph.dense_neighbor_list`, but the edges of the whole batch are
+    compacted into one budget of ``G * edges_per_crystal`` slots: per-crystal counts vary
+    a lot with the cell volume while batch totals do not, so this wastes far fewer slots
+    on padding. Edges are ordered by (crystal, i, j, k); if the batch overflows, the last
+    crystals lose edges and ``overflow`` says so.
+
+    Args:
+      frac: [G, A, 3] fractional coordinates in [0, 1).
+      cell: [G, 3, 3] cells.
+      mask: [G, A] atom masks.
+      cutoff: radius in A (static).
+      max_shift: static image range per axis; complete when
+        ``max_shift >= floor(cutoff * |b*_a|) + 1`` for each reciprocal vector b*_a.
+      edges_per_crystal: average edge budget per crystal (static).
+
+    Returns:
+      dict with ``senders``, ``receivers`` [M] (flat node index g * A + slot), ``shifts``
+      [M, 3] int32, ``distances`` [M], ``mask`` [M], ``edge_graph`` [M]
+      (M = G * edges_per_crystal), per-crystal ``num_edges`` and ``complete`` [G], and the
+      batch ``overflow`` (bool).
+    """
+    import jax.numpy as jnp  # lazy: host-only users (data workers, the CLI) skip jax (0.6 s)
+
+    G, A = mask.shape
+    shifts = jnp.asarray(_shift_grid([max_shift] * 3), dtype=jnp.int32)  # [S, 3]
+    S = shifts.shape[0]
+    d = (
+        frac[:, None, :, None, :]
+        + shifts[None, None, None].astype(frac.dtype)
+        - frac[:, :, None, None, :]
+    )  # [G, A(i), A(j), S, 3]: f_j + k - f_i
+    r = safe_norm(jnp.einsum("gijsa,gab->gijsb", d, cell))  # [G, A, A, S]
+    zero = S // 2
+    self_pair = jnp.eye(A, dtype=bool)[:, :, None] & (jnp.arange(S) == zero)[None, None, :]
+    pair_ok = mask[:, :, None, None] & mask[:, None, :, None]
+    keep = (r < cutoff) & pair_ok & ~self_pair[None]  # [G, A, A, S]
+    budget = G * edges_per_crystal
+    flat = keep.reshape(-1)
+    (idx,) = jnp.nonzero(flat, size=budget, fill_value=0)
+    num = jnp.sum(keep, axis=(1, 2, 3))  # [G]
+    emask = jnp.arange(budget) < jnp.sum(num)
+    g = idx // (A * A * S)
+    i = (idx // (A * S)) % A
+    j = (idx // S) % A
+    s = idx % S
+    recip_norms = jnp.linalg.norm(jnp.linalg.inv(cell), axis=1)  # [G, 3]
+    complete = jnp.all(jnp.floor(cutoff * recip_norms) + 1 <= max_shift, axis=-1)
+    return {
+        "senders": jnp.where(emask, g * A + j, 0).astype(jnp.int32),
+        "receivers": jnp.where(emask, g * A + i, 0).astype(jnp.int32),
+        "shifts": jnp.where(emask[:, None], shifts[s], 0),
+        "distances": jnp.where(emask, r.reshape(-1)[idx], 0.0),
+        "mask": emask,
+        "edge_graph": jnp.where(emask, g, 0).astype(jnp.int32),
+        "num_edges": num,
+        "complete": complete,
+        "overflow": jnp.sum(num) > budget,
     }

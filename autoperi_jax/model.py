@@ -12,6 +12,11 @@ training step, the sharded trainer of a later issue and user code share it:
   key)``: encode, then decode;
 * `decoded_to_crystals` turns the padded decoder output into `Crystal` objects.
 
+The torus maths of the coordinate flow (`wrap_centered`, `flow_path`, `couple`,
+`align_translation`, `ot_pair`, `sort_by_species`) lives in `autoperi_jax.torus`, and the
+in-jit candidate edge list (`periodic_candidates`) in `autoperi_jax.graph`, beside the
+other neighbour lists; both are re-exported here.
+
 Losses (method section 2.3), every one masked for padding graphs / atoms / edges:
 
 * ``L_lattice``: mean squared error of the standardised lattice vector y (`cell_to_y`);
@@ -52,7 +57,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -60,10 +64,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from autoperi_jax.crystal import Crystal, lattice_params_to_cell, wrap_frac
+from autoperi_jax.crystal import Crystal, cell_to_lattice_params, lattice_params_to_cell, wrap_frac
 from autoperi_jax.elements import atom_features
-from autoperi_jax.graph import node_graph_index
+from autoperi_jax.graph import node_graph_index, periodic_candidates
 from autoperi_jax.nn.autoencoder import Autoencoder
+from autoperi_jax.torus import (
+    align_translation,
+    couple,
+    flow_path,
+    ot_pair,
+    sort_by_species,
+    wrap_centered,
+)
 
 __all__ = [
     "ModelSettings",
@@ -234,8 +246,6 @@ def compute_normalisers(graphs: Sequence[Any], min_std: float = 1e-3) -> dict[st
     Returns:
       JSON-able dict: ``lattice_mean``, ``lattice_std`` [6].
     """
-    from autoperi_jax.crystal import cell_to_lattice_params
-
     cells = np.stack([np.asarray(g.cell, np.float64) for g in graphs])
     y = cell_to_y(cell_to_lattice_params(cells))
     return {
@@ -279,78 +289,6 @@ def dense_layout(graph, max_atoms: int) -> dict[str, Array]:
     }
 
 
-def periodic_candidates(
-    frac: Array,  # [G, A, 3]
-    cell: Array,  # [G, 3, 3]
-    mask: Array,  # [G, A] bool
-    cutoff: float,
-    max_shift: int,
-    edges_per_crystal: int,
-) -> dict[str, Array]:
-    """In-jit periodic neighbour list of a batch of dense crystals, as one edge list.
-
-    Every ordered atom pair of a crystal and every image in ``[-max_shift, max_shift]^3``
-    with distance < ``cutoff`` is an edge (no zero-shift self pair), as in
-    `autoperi_jax.graph.dense_neighbor_list`, but the edges of the whole batch are
-    compacted into one budget of ``G * edges_per_crystal`` slots: per-crystal counts vary
-    a lot with the cell volume while batch totals do not, so this wastes far fewer slots
-    on padding. Edges are ordered by (crystal, i, j, k); if the batch overflows, the last
-    crystals lose edges and ``overflow`` says so.
-
-    Args:
-      frac: [G, A, 3] fractional coordinates in [0, 1).
-      cell: [G, 3, 3] cells.
-      mask: [G, A] atom masks.
-      cutoff: radius in A (static).
-      max_shift: static image range per axis; complete when
-        ``max_shift >= floor(cutoff * |b*_a|) + 1`` for each reciprocal vector b*_a.
-      edges_per_crystal: average edge budget per crystal (static).
-
-    Returns:
-      dict with ``senders``, ``receivers`` [M] (flat node index g * A + slot), ``shifts``
-      [M, 3] int32, ``distances`` [M], ``mask`` [M], ``edge_graph`` [M]
-      (M = G * edges_per_crystal), per-crystal ``num_edges`` and ``complete`` [G], and the
-      batch ``overflow`` (bool).
-    """
-    from autoperi_jax.graph import _shift_grid, safe_norm
-
-    G, A = mask.shape
-    shifts = jnp.asarray(_shift_grid([max_shift] * 3), dtype=jnp.int32)  # [S, 3]
-    S = shifts.shape[0]
-    d = (
-        frac[:, None, :, None, :]
-        + shifts[None, None, None].astype(frac.dtype)
-        - frac[:, :, None, None, :]
-    )  # [G, A(i), A(j), S, 3]: f_j + k - f_i
-    r = safe_norm(jnp.einsum("gijsa,gab->gijsb", d, cell))  # [G, A, A, S]
-    zero = S // 2
-    self_pair = jnp.eye(A, dtype=bool)[:, :, None] & (jnp.arange(S) == zero)[None, None, :]
-    pair_ok = mask[:, :, None, None] & mask[:, None, :, None]
-    keep = (r < cutoff) & pair_ok & ~self_pair[None]  # [G, A, A, S]
-    budget = G * edges_per_crystal
-    flat = keep.reshape(-1)
-    (idx,) = jnp.nonzero(flat, size=budget, fill_value=0)
-    num = jnp.sum(keep, axis=(1, 2, 3))  # [G]
-    emask = jnp.arange(budget) < jnp.sum(num)
-    g = idx // (A * A * S)
-    i = (idx // (A * S)) % A
-    j = (idx // S) % A
-    s = idx % S
-    recip_norms = jnp.linalg.norm(jnp.linalg.inv(cell), axis=1)  # [G, 3]
-    complete = jnp.all(jnp.floor(cutoff * recip_norms) + 1 <= max_shift, axis=-1)
-    return {
-        "senders": jnp.where(emask, g * A + j, 0).astype(jnp.int32),
-        "receivers": jnp.where(emask, g * A + i, 0).astype(jnp.int32),
-        "shifts": jnp.where(emask[:, None], shifts[s], 0),
-        "distances": jnp.where(emask, r.reshape(-1)[idx], 0.0),
-        "mask": emask,
-        "edge_graph": jnp.where(emask, g, 0).astype(jnp.int32),
-        "num_edges": num,
-        "complete": complete,
-        "overflow": jnp.sum(num) > budget,
-    }
-
-
 def bond_targets(numbers_i: Array, numbers_j: Array, distances: Array, tolerance: float) -> Array:
     """Covalent-radius bond criterion d < (1 + tol) (r_i + r_j); [E] bool."""
     radius = jnp.asarray(_ATOM_FEATURES[:, 1])
@@ -358,123 +296,6 @@ def bond_targets(numbers_i: Array, numbers_j: Array, distances: Array, tolerance
 
 
 # ------------------------------------------------------------------------------ flow
-def wrap_centered(x: Array) -> Array:
-    """Shortest periodic representative of a fractional displacement, in [-0.5, 0.5]."""
-    return x - jnp.round(x)
-
-
-def flow_path(
-    x0: Array,  # [G, A, 3]
-    x1: Array,  # [G, A, 3]
-    t: Array,  # [G]
-    mask: Array,  # [G, A] bool
-) -> tuple[Array, Array]:
-    """Point x_t and target velocity of the mean-free geodesic path on the torus.
-
-    Returns:
-      x_t [G, A, 3] in [0, 1) and w [G, A, 3] (0 on padding), with x_1 - mean_w the end
-      of the path (a translate of x_1).
-    """
-    m = mask[..., None].astype(x0.dtype)
-    w = wrap_centered(x1 - x0) * m
-    mean = jnp.sum(w, 1, keepdims=True) / jnp.maximum(jnp.sum(m, 1, keepdims=True), 1.0)
-    w = (w - mean) * m
-    xt = wrap_frac(x0 + t[:, None, None] * w)
-    return xt, w
-
-
-@functools.lru_cache(maxsize=8)
-def _all_permutations(n: int) -> np.ndarray:
-    return np.asarray(list(itertools.permutations(range(n))), np.int32)  # [n!, n]
-
-
-def ot_pair(
-    x0: Array,  # [G, A, 3]
-    x1: Array,  # [G, A, 3]
-    numbers: Array,  # [G, A] int, 0 on padding
-    cell: Array,  # [G, 3, 3]
-) -> Array:
-    """Re-orders the data atoms so each noise atom is paired with a data atom of the same
-    species and the total squared periodic (Cartesian) displacement is minimal.
-
-    Identical atoms are interchangeable, so any pairing is a valid flow-matching coupling;
-    the optimal one gives straighter, less ambiguous paths (equivariant OT flow matching,
-    Klein, Kraemer and Noe, NeurIPS 2023). Exact search over all A! permutations, so
-    only for small ``A`` (`ModelSettings.ot_max_atoms`).
-
-    Returns:
-      [G, A, 3] x1 with rows permuted within each crystal (padding slots stay in place).
-    """
-    G, A = numbers.shape
-    perms = jnp.asarray(_all_permutations(A))  # [P, A]
-    d = wrap_centered(x1[:, None, :, :] - x0[:, :, None, :])  # [G, A(noise), A(data), 3]
-    cost = jnp.sum(jnp.einsum("gija,gab->gijb", d, cell) ** 2, -1)  # [G, A, A]
-    same = numbers[:, :, None] == numbers[:, None, :]
-    cost = jnp.where(same, cost, 1e6)
-    total = jnp.sum(cost[:, jnp.arange(A)[None, :], perms], -1)  # [G, P]
-    best = perms[jnp.argmin(total, -1)]  # [G, A]
-    return jnp.take_along_axis(x1, best[..., None], 1)
-
-
-def align_translation(
-    x0: Array,  # [G, A, 3]
-    x1: Array,  # [G, A, 3]
-    mask: Array,  # [G, A] bool
-    num_starts: int = 16,
-) -> Array:
-    """Translates each data crystal to minimise its squared periodic displacement from the
-    noise, sum_i |wrap(x1_i + c - x0_i)|^2 (fractional, per axis).
-
-    z does not encode the origin, so every translate of x1 is an equally valid end point;
-    choosing the nearest one gives short paths whose end point is far less ambiguous
-    given x_t (the translational part of an OT coupling). Per axis the cost is piecewise
-    quadratic in c with the local optimum c = s - mean(wrap(x1 - x0 + s)) near each
-    start s; the best of ``num_starts`` evenly spaced starts is taken.
-
-    Returns:
-      [G, A, 3] translated x1 in [0, 1) (padding rows unchanged).
-    """
-    m = mask[:, None, :, None].astype(x0.dtype)  # [G, 1, A, 1]
-    count = jnp.maximum(jnp.sum(m, 2), 1.0)  # [G, 1, 1]
-    starts = jnp.arange(num_starts, dtype=x0.dtype)[None, :, None, None] / num_starts
-    d = (x1 - x0)[:, None]  # [G, 1, A, 3]
-    e = wrap_centered(d + starts)  # [G, S, A, 3]
-    c = starts[:, :, 0] - jnp.sum(e * m, 2) / count  # [G, S, 3]
-    cost = jnp.sum(wrap_centered(d + c[:, :, None, :]) ** 2 * m, 2)  # [G, S, 3]
-    best = jnp.take_along_axis(c, jnp.argmin(cost, 1)[:, None, :], 1)  # [G, 1, 3]
-    return jnp.where(mask[..., None], wrap_frac(x1 + best), x1)
-
-
-def couple(
-    x0: Array,  # [G, A, 3]
-    x1: Array,  # [G, A, 3]
-    numbers: Array,  # [G, A]
-    mask: Array,  # [G, A]
-    cell: Array,  # [G, 3, 3]
-    settings: ModelSettings,
-) -> Array:
-    """x1 translated / re-paired to x0 (`align_translation`, `ot_pair`; settings.ot_*)."""
-    A = mask.shape[1]
-    for _ in range(settings.ot_rounds):
-        if settings.ot_translation:
-            x1 = align_translation(x0, x1, mask)
-        if A <= settings.ot_max_atoms:
-            x1 = ot_pair(x0, x1, numbers, cell)
-    return x1
-
-
-def sort_by_species(dense: dict[str, Array]) -> dict[str, Array]:
-    """Dense crystals with the atoms of each crystal sorted by atomic number (empty
-    slots last), the slot order of the composition decoder."""
-    key = jnp.where(dense["mask"], dense["numbers"], 1000)
-    order = jnp.argsort(key, axis=1, stable=True)  # [G, A]
-    out = dict(dense)
-    for k in ("numbers", "frac", "features", "mask"):
-        idx = order.reshape(*order.shape, *([1] * (dense[k].ndim - 2)))
-        out[k] = jnp.take_along_axis(dense[k], idx, 1)
-    return out
-
-
 def _wrapped_normal(key: Array, n_graph: int, shape: tuple[int, ...], std: float) -> Array:
     return std * _per_graph_normal(key, n_graph, shape)
 

@@ -70,6 +70,12 @@ from flax import linen as nn
 from autoperi_jax.flow import FlowConfig, FlowContext, make_flow
 from autoperi_jax.model import ModelSettings, decode_composition, make_decode_fn
 from autoperi_jax.nn.autoencoder import Autoencoder
+from autoperi_jax.symmetry import (
+    centrosymmetric_groups,
+    group_mask,
+    has_inversion_centre,
+    symmetrize,
+)
 
 __all__ = [
     "PropertyHead",
@@ -335,18 +341,13 @@ def make_sample_fn(
       without inversion was requested and the result has an inversion centre),
       ``spacegroup`` [n] (requested label, 0 = none) and ``properties`` {name: [n]}.
     """
+    # lazy: jax-md computes at import (7.5 s); the Generator API loads without it
     from autoperi_jax.physics import (
         batched_repulsive_constraint,
         composition_valid,
         covalent_soft_sphere,
         min_distance,
         min_distance_ratio,
-    )
-    from autoperi_jax.symmetry import (
-        centrosymmetric_groups,
-        group_mask,
-        has_inversion_centre,
-        symmetrize,
     )
 
     settings = decoding_settings(settings, sampler)

@@ -68,7 +68,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import spglib
+
+from autoperi_jax.lattice import wrap_frac
 
 __all__ = [
     "MAX_OPS",
@@ -150,8 +155,6 @@ def standard_hall_numbers() -> np.ndarray:
     The standard setting is the first Hall number of each international number, which is
     the setting spglib standardises to.
     """
-    import spglib
-
     hall = np.zeros(N_SPACEGROUPS, dtype=np.int32)
     for h in range(530, 0, -1):  # descending, so the first Hall number per group wins
         hall[spglib.get_spacegroup_type(h).number] = h
@@ -159,8 +162,6 @@ def standard_hall_numbers() -> np.ndarray:
 
 
 def _database_ops(hall: int) -> tuple[np.ndarray, np.ndarray]:
-    import spglib
-
     sym = spglib.get_symmetry_from_database(int(hall))
     return np.asarray(sym["rotations"], dtype=np.int64), np.asarray(sym["translations"])
 
@@ -279,8 +280,6 @@ def build_table(setting: str = "conventional") -> SpacegroupTable:
     Returns:
       The `SpacegroupTable`.
     """
-    import spglib
-
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
     hall = standard_hall_numbers()
@@ -384,8 +383,6 @@ _LEFT_WEIGHT = 10.0  # selection weight of the leftover asymmetry (A) against mo
 
 def _safe_norm(x, axis: int = -1):
     """Euclidean norm with a finite gradient at zero (double-where)."""
-    import jax.numpy as jnp
-
     sq = jnp.sum(x * x, axis=axis)
     pos = sq > 0
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
@@ -405,8 +402,6 @@ def _quadratic(v, metric):
 def _min_sq_distance(images, frac, allowed, metric):
     """Squared distance [..., n_atoms] from each image to its nearest allowed atom (see
     `_match`), without the argmin (cheaper; for scoring origin candidates)."""
-    import jax.numpy as jnp
-
     diff = frac - images[..., :, None, :]
     diff = diff - jnp.round(diff)
     return jnp.min(jnp.where(allowed, _quadratic(diff, metric), jnp.inf), axis=-1)
@@ -428,9 +423,6 @@ def _match(images, frac, allowed, metric):
       true nearest copy whenever the image lies within half an interplanar spacing of its
       atom: the case for a structure near the group; far images only get a larger distance.
     """
-    import jax
-    import jax.numpy as jnp
-
     diff = frac - images[..., :, None, :]  # [..., n_atoms, n_atoms, 3]
     diff = diff - jnp.round(diff)
     d2 = jnp.where(allowed, _quadratic(diff, metric), jnp.inf)
@@ -448,8 +440,6 @@ def _apply(rot, trans, frac, origin):
     Returns:
       [n_ops, ..., 3].
     """
-    import jax.numpy as jnp
-
     x = frac - origin
     return jnp.einsum("gij,...j->g...i", rot, x) + (trans + origin).reshape(
         (-1,) + (1,) * (frac.ndim - 1) + (3,)
@@ -476,9 +466,6 @@ def _find_origin(
     Returns:
       [3] origin.
     """
-    import jax
-    import jax.numpy as jnp
-
     x = jax.lax.stop_gradient(frac)
     n = x.shape[0]
     counts = jnp.sum(same, axis=-1)  # [n] atoms of each atom's species
@@ -526,9 +513,6 @@ def _symmetrize_setting(cell, frac, same, valid, ops, perm, n_iter, search_origi
       (cell [3, 3], unwrapped frac [n_atoms, 3], largest move [] (A) of an atom or a
       lattice vector, leftover asymmetry [] (A)).
     """
-    import jax
-    import jax.numpy as jnp
-
     (rot, trans, opm, cos_idx, cos_mask, key, ginv, offsets, offsets_mask) = ops
     dtype = frac.dtype
     m = perm.astype(dtype)
@@ -651,11 +635,6 @@ def symmetrize(
       of the projection, so it is what a second projection's residual measures, without
       its cost.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from autoperi_jax.crystal import wrap_frac
-
     table = get_table(setting)
     dtype = jnp.result_type(frac, jnp.float32)
     cell = jnp.asarray(cell, dtype)  # [3, 3]
@@ -761,8 +740,6 @@ def has_inversion_centre(cell, frac, numbers, atom_mask, tol: float = 0.1):
     Returns:
       [] bool.
     """
-    import jax.numpy as jnp
-
     same = (numbers[:, None] == numbers[None, :]) & atom_mask[:, None] & atom_mask[None, :]
     # images of atom k under the inversion of pair (i, j): [i, j, k, 3]
     img = frac[:, None, None, :] + frac[None, :, None, :] - frac[None, None, :, :]
@@ -790,8 +767,6 @@ def symmetrize_crystal(crystal, spacegroup: int, return_residual: bool = False, 
       The symmetrised `Crystal` (same atoms, properties and name), and the residual if
       ``return_residual``.
     """
-    import jax
-
     fn = _jitted(tuple(sorted(kwargs.items())))
     cell, frac, res = jax.device_get(
         fn(
@@ -810,8 +785,6 @@ def symmetrize_crystal(crystal, spacegroup: int, return_residual: bool = False, 
 
 @functools.cache
 def _jitted(options: tuple):
-    import jax
-
     return jax.jit(functools.partial(symmetrize, **dict(options)))
 
 

@@ -23,6 +23,10 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import chex
+import e3nn_jax as e3nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from autoperi_jax.crystal import Crystal, lattice_params_to_cell, random_rotation
@@ -34,6 +38,8 @@ from autoperi_jax.graph import (
     crystal_to_graph,
     rewrap,
 )
+from autoperi_jax.model import ModelSettings, init_params
+from autoperi_jax.nn import Autoencoder
 
 __all__ = [
     "assert_symmetry",
@@ -184,8 +190,6 @@ def rotation_on_irreps(irreps: Any, rotation: np.ndarray) -> np.ndarray:
 
     ``x_rotated = x @ D.T`` for a feature vector x laid out as ``irreps``.
     """
-    import e3nn_jax as e3nn
-
     return np.asarray(e3nn.Irreps(irreps).D_from_matrix(np.asarray(rotation)))
 
 
@@ -197,9 +201,6 @@ def tiny_model(image_embedding: str = "self_image", max_atoms: int = 5, **overri
     Returns:
       (model, settings).
     """
-    from autoperi_jax.model import ModelSettings
-    from autoperi_jax.nn import Autoencoder
-
     fields = dict(
         max_atoms=max_atoms, image_embedding=image_embedding, enc_layers=2,
         enc_irreps="8x0e+4x1o", enc_cutoff=5.0, dec_layers=2, dec_irreps="8x0e+4x1o",
@@ -223,11 +224,6 @@ def tiny_model(image_embedding: str = "self_image", max_atoms: int = 5, **overri
 def tiny_params(model: Any, settings: Any, seed: int = 0) -> Any:
     """Initial parameters of a (hashable) model, cached per process so test modules that
     use the same tiny model share one initialisation (and its compilation)."""
-    import jax
-    import jax.numpy as jnp
-
-    from autoperi_jax.model import init_params
-
     batch, _ = random_batch(np.random.default_rng(seed), 2, model.enc_cutoff, n_atoms=(2, 3))
     batch = jax.tree.map(jnp.asarray, batch)
     return jax.jit(lambda k, b: init_params(model, b, settings, k))(jax.random.PRNGKey(seed), batch)
@@ -252,9 +248,6 @@ def assert_symmetry(
       atol, rtol: tolerances (float32 defaults).
       msg: prefix of the failure message (name the symmetry).
     """
-    import chex
-    import jax
-
     y = jax.device_get(fn(x))
     y_t = jax.device_get(fn(x_transformed))
     expected = transform_output(y) if transform_output is not None else y
@@ -263,7 +256,5 @@ def assert_symmetry(
 
 def max_difference(a: Any, b: Any) -> float:
     """Largest absolute difference between two pytrees of arrays."""
-    import jax
-
     diffs = jax.tree.map(lambda u, v: float(np.max(np.abs(np.asarray(u) - np.asarray(v)))), a, b)
     return float(max(jax.tree.leaves(diffs)))

@@ -4,7 +4,7 @@ Sections (each also runnable alone through its module):
 
 * ``data`` (`eval.bench_data`): cold preprocessing of every Perov-5 structure vs loading
   the cache, and the padding waste of training batches;
-* ``train`` (`eval.bench_train`, a subprocess per device count): training crystals/s,
+* ``train`` (`train.bench`, run as a script in a subprocess per device count): training crystals/s,
   seconds per epoch, train-step compilations per epoch and their compile time;
 * ``sample`` (`eval.bench_sample.bench_one`): NFE per sample and valid crystals/s of the
   model (shipped or a run) without and with the space-group prior, plus the number of
@@ -36,10 +36,36 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SECTIONS", "atom_scaling", "batch_scaling", "markdown", "register", "run"]
+from autoperi_jax.commands import add_model_source, model_source
+
+__all__ = [
+    "SECTIONS",
+    "atom_scaling",
+    "batch_scaling",
+    "count_compiles",
+    "markdown",
+    "register",
+    "run",
+]
 
 SECTIONS = ("data", "train", "sample", "batch_scaling", "atom_scaling")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def count_compiles() -> list[tuple[str, float]]:
+    """A list that from now on receives ``(function name, seconds)`` for every XLA backend
+    compilation in this process (`jax.monitoring` event
+    ``/jax/core/compile/backend_compile_duration``)."""
+    import jax.monitoring  # lazy, as every jax import here: --help builds this parser
+
+    compiles: list[tuple[str, float]] = []
+
+    def listener(event: str, duration: float, **kw: Any) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append((str(kw.get("fun_name", "")), float(duration)))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    return compiles
 
 
 def _time(fn, repeats: int) -> float:
@@ -116,7 +142,7 @@ def atom_scaling(
 
 
 def _train_section(steps: int) -> list:
-    cmd = [sys.executable, str(ROOT / "eval" / "bench_train.py"), "--steps", str(steps)]
+    cmd = [sys.executable, str(ROOT / "train" / "bench.py"), "--steps", str(steps)]
     cmd += ["--devices", "1"]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -130,8 +156,6 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from eval.bench_sample import bench_one
-    from eval.bench_train import count_compiles
-    from train.cli import model_source
 
     sections = [s for s in args.sections.split(",") if s]
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -249,8 +273,6 @@ def markdown(result: dict) -> str:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Adds ``bench`` to the root parser."""
-    from train.cli import add_model_source
-
     p = subparsers.add_parser(
         "bench",
         help="training / sampling speed, compilations, padding waste, scaling (JSON + Markdown)",

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from autoperi_jax.crystal import Crystal
+from autoperi_jax.matching import match_rms
 from eval import metrics as M
 from eval.parallel import parallel_map
 
@@ -61,13 +62,18 @@ def group_predictions(pred_names: Sequence[str], ref_names: Sequence[str]) -> li
 def _rms_pairs(
     pairs: list[tuple[Crystal, Crystal]], tolerances: Mapping[str, float], workers, progress
 ) -> np.ndarray:
-    """[len(pairs)] normalised RMS of each (prediction, reference) pair (NaN: no match)."""
-    items = [(p, r, dict(tolerances)) for p, r in pairs]
-    res = parallel_map(
-        M._rms_chunk, items, workers=workers, chunk_size=64, desc="matching", progress=progress,
-        unit="pair",
-    )  # fmt: skip
-    return np.array([np.nan if r is None else r for r in res], dtype=float)
+    """[len(pairs)] normalised RMS of each (prediction, reference) pair (NaN: no match),
+    by the project's one match-rate implementation (`autoperi_jax.matching.match_rms`)."""
+
+    def map_chunks(fn, items):
+        return parallel_map(
+            fn, items, workers=workers, chunk_size=64, desc="matching", progress=progress,
+            unit="pair",
+        )  # fmt: skip
+
+    preds = [p for p, _ in pairs]
+    refs = [r for _, r in pairs]
+    return match_rms(preds, refs, tolerances, map_chunks=map_chunks)
 
 
 def csp_metrics(

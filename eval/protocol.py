@@ -1,22 +1,7 @@
-"""The protocol's constants: StructureMatcher tolerances and coverage cut-offs.
-
-A module without imports, so that building the ``autoperi`` parser (which shows these as
-option defaults) and the trainer's quick match rate read them without loading the metrics
-and their dependencies (pymatgen, jax-md). `eval.metrics` re-exports them.
-"""
+"""The protocol's constants, re-exported from `autoperi_jax.protocol` (their home)."""
 
 from __future__ import annotations
 
-__all__ = ["CDVAE_MATCHER", "COV_CUTOFFS", "NOVELTY_MATCHER"]
+from autoperi_jax.protocol import CDVAE_MATCHER, COV_CUTOFFS, NOVELTY_MATCHER
 
-#: CDVAE's reconstruction matcher (compute_metrics.py ``RecEval``).
-CDVAE_MATCHER: dict[str, float] = {"stol": 0.5, "angle_tol": 10.0, "ltol": 0.3}
-#: pymatgen's default ``StructureMatcher`` tolerances, the usual choice for uniqueness and
-#: novelty (DiffCSP / FlowMM / MatterGen); an option everywhere it is used.
-NOVELTY_MATCHER: dict[str, float] = {"stol": 0.3, "angle_tol": 5.0, "ltol": 0.2}
-#: Coverage cut-offs (structure, composition) from CDVAE compute_metrics.py ``COV_Cutoffs``.
-COV_CUTOFFS: dict[str, tuple[float, float]] = {
-    "mp_20": (0.4, 10.0),
-    "perov_5": (0.2, 4.0),
-    "carbon_24": (0.2, 4.0),
-}
+__all__ = ["CDVAE_MATCHER", "COV_CUTOFFS", "NOVELTY_MATCHER"]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from autoperi_jax.crystal import Crystal, lattice_params_to_cell
+from autoperi_jax.physics.composition_host import reduced_composition
 from eval import metrics as M
 from eval.fingerprints import (
     COMP_SCALER_MEANS,
@@ -90,7 +91,7 @@ def _cdvae_reference_validity(numbers) -> bool:
 
     from autoperi_jax.physics.smact_tables import SYMBOL_BY_Z
 
-    elems, counts = M._reduced_composition(numbers)
+    elems, counts = reduced_composition(numbers)
     symbols = tuple(SYMBOL_BY_Z[z] for z in elems)
     space = smact.element_dictionary(symbols)
     smact_elems = [e[1] for e in space.items()]

@@ -11,7 +11,8 @@ import pytest
 
 from autoperi_jax.cli import main
 from autoperi_jax.crystal import read_structures
-from train.cli import load_config, write_samples
+from autoperi_jax.io import write_samples
+from train.cli import load_config
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,7 @@ def test_unique_sampling_keeps_first_occurrences_in_draw_order(gen, tmp_path):
     # the CLI's writer keeps what it found (ASE reads the file back)
     from ase.io import read
 
-    from train.cli import write_samples
+    from autoperi_jax.io import write_samples
 
     out = tmp_path / "u.extxyz"
     with pytest.warns(UserWarning, match="distinct crystals"):

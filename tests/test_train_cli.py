@@ -59,7 +59,7 @@ def test_cli_collects_overrides():
 
 def test_cli_initializes_distributed_before_any_jax_computation(tmp_path, free_port):
     """The multi-host flags take effect before any import or JAX call of the commands can
-    compute (jax-md, imported by the eval plugin until eval.protocol, computes at import
+    compute (jax-md, imported by the eval plugin until the protocol module, computes at import
     time: "jax.distributed.initialize() must be called before any JAX calls"). One process
     with a coordinator gets past the set-up and stops at the missing config file. (The
     two-process training test is marked slow.)"""

@@ -1,5 +1,5 @@
-"""``autoperi train``, ``reconstruct``, ``train-flow`` and ``sample`` (registered by
-`autoperi_jax.cli`).
+"""``autoperi train``, ``reconstruct`` and ``train-flow`` (registered by `autoperi_jax.cli`;
+``sample`` is the library's, `autoperi_jax.commands`).
 
 Examples::
 
@@ -22,7 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["apply_overrides", "load_config", "register", "write_samples"]
+from autoperi_jax.cli import main as cli_main
+from autoperi_jax.commands import add_model_source, model_source
+
+__all__ = ["apply_overrides", "load_config", "register"]
 
 
 def load_config(path: str | Path):
@@ -93,11 +96,12 @@ def _train(args: argparse.Namespace) -> int:
     ``"interrupted": true``); 3 = stopped by the non-finite guard (the last good checkpoint
     is kept)."""
     # Multi-host set-up must come before any other JAX call (flags or AUTOPERI_* / JAX_*
-    # environment variables; see train.parallel.maybe_initialize_distributed).
-    from train.parallel import maybe_initialize_distributed
+    # environment variables; see autoperi_jax.distributed.maybe_initialize_distributed).
+    # lazy, as every jax import here: the parser is built for --help too (0.2 s; jax 0.6 s)
+    from autoperi_jax.distributed import maybe_initialize_distributed
 
     maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    from train.trainer import train_and_evaluate
+    from train.trainer import train_and_evaluate  # lazy: jax, optax, the model (~2 s)
 
     config = apply_overrides(load_config(args.config), args.overrides)
     try:
@@ -107,27 +111,6 @@ def _train(args: argparse.Namespace) -> int:
         return 3
     print(json.dumps(result, indent=2, default=float))
     return 0
-
-
-def add_model_source(p: argparse.ArgumentParser, workdir_help: str, required: bool = True) -> None:
-    """``--workdir RUN`` or ``--pretrained NAME`` (a model shipped in the package); when
-    not ``required``, neither means ``--pretrained perov_5``."""
-    g = p.add_mutually_exclusive_group(required=required)
-    g.add_argument("--workdir", help=workdir_help)
-    g.add_argument(
-        "--pretrained",
-        metavar="NAME",
-        help="a model shipped with the package instead of a run (e.g. perov_5)",
-    )
-
-
-def model_source(args: argparse.Namespace) -> Path:
-    """The bundle folder or run folder named by `add_model_source`'s options."""
-    if args.workdir:
-        return Path(args.workdir)
-    from autoperi_jax.api import pretrained_path
-
-    return pretrained_path(args.pretrained or "perov_5")
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
@@ -248,12 +231,12 @@ def register(subparsers) -> None:
     )
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=_reconstruct)
-    _register_generation(subparsers)
+    _register_train_flow(subparsers)
 
 
-# ------------------------------------------------------------------ generation (issue 4)
+# ------------------------------------------------------------------ latent flow (issue 4)
 def _train_flow(args: argparse.Namespace) -> int:
-    from train.flow_stage import train_flow
+    from train.flow_stage import train_flow  # lazy: jax, optax, the model (~2 s)
 
     config = load_config(args.config or "flow_perov_5")
     with config.unlocked():
@@ -278,7 +261,7 @@ def _train_flow(args: argparse.Namespace) -> int:
     apply_overrides(config, args.overrides)
     checkpoint = None
     if args.pretrained:
-        from autoperi_jax.api import pretrained_path
+        from autoperi_jax.api import pretrained_path  # lazy: jax + the model
         from train.flow_stage import checkpoint_from_bundle
 
         checkpoint = checkpoint_from_bundle(pretrained_path(args.pretrained))
@@ -287,127 +270,8 @@ def _train_flow(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_conditions(items: Sequence[str] | None) -> dict[str, float]:
-    out = {}
-    for item in items or ():
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ValueError(f"--condition expects NAME=VALUE, got {item!r}")
-        out[name.strip()] = float(value)
-    return out
-
-
-def write_samples(
-    gen,
-    key,
-    n: int,
-    out: str | Path,
-    conditions=None,
-    spacegroup=None,
-    batch_size: int = 256,
-    temperature=None,
-    progress: bool = True,
-    unique: bool = False,
-    max_batches: int | None = None,
-) -> int:
-    """Samples ``n`` crystals with a `autoperi_jax.api.Generator` and writes each finished
-    batch at once: appended to an extxyz file (predicted properties in ``atoms.info``), or
-    one CIF per crystal in a folder plus ``properties.csv``. An existing extxyz file is
-    replaced; in a folder, earlier ``sample_*.cif`` files and ``properties.csv`` are
-    removed first. ``unique`` / ``max_batches``: only mutually distinct crystals, fewer
-    than n if the batches run out (`Generator.sample`). Returns the number written."""
-    from tqdm import tqdm
-
-    from autoperi_jax.crystal import write_structures
-
-    # arguments checked before the output is touched: a bad one loses nothing written
-    batches = gen.sample_batches(
-        key, n, conditions, spacegroup, batch_size, temperature, unique, max_batches
-    )
-    out = Path(out)
-    is_file = out.suffix in (".xyz", ".extxyz")
-    if is_file:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        for f in out.glob("sample_*.cif"):
-            f.unlink()
-        (out / "properties.csv").unlink(missing_ok=True)
-    written = 0
-    bar = tqdm(total=n, disable=not progress, desc="sample", unit="crystal")
-    for crystals in batches:
-        write_structures(crystals, out, append=True)
-        if not is_file:
-            names = sorted({k for c in crystals for k in c.properties})
-            csv = out / "properties.csv"
-            with open(csv, "a") as f:
-                if written == 0:
-                    f.write(",".join(["name", *names]) + "\n")
-                for c in crystals:
-                    vals = [repr(c.properties.get(k, float("nan"))) for k in names]
-                    f.write(",".join([c.name, *vals]) + "\n")
-        written += len(crystals)
-        bar.update(len(crystals))
-    bar.close()
-    return written
-
-
-def _sample(args: argparse.Namespace) -> int:
-    import time
-
-    import jax
-
-    from autoperi_jax.api import load
-
-    if args.max_batches is not None and not args.unique:
-        raise ValueError("--max-batches limits --unique sampling only: add --unique")
-    overrides: dict[str, Any] = {}
-    if args.num_steps is not None:
-        overrides["num_steps"] = args.num_steps
-    if args.prior_noise is not None:
-        overrides["prior_noise"] = args.prior_noise
-    if args.no_spacegroup_prior:
-        overrides["spacegroup_prior"] = False
-    if args.retries is not None:
-        overrides["retries"] = args.retries
-    if args.no_checks:
-        overrides.update(
-            composition_check=False, accept_min_ratio=0.0, retries=0, spare_fraction=0.0
-        )
-    gen = load(model_source(args), **overrides)
-    conditions = _parse_conditions(args.condition)
-    unknown = sorted(set(conditions) - set(gen.cond_names))
-    if unknown:
-        raise ValueError(
-            f"--condition {', '.join(unknown)}: this model is conditioned on "
-            f"{', '.join(gen.cond_names) or 'no property'} only"
-        )
-    t0 = time.perf_counter()
-    n = write_samples(
-        gen,
-        jax.random.PRNGKey(args.seed),
-        args.n,
-        args.out,
-        conditions or None,
-        args.spacegroup,
-        args.batch_size,
-        args.temperature,
-        not args.no_progress,
-        args.unique,
-        args.max_batches,
-    )
-    secs = time.perf_counter() - t0
-    asked = "" if n == args.n else f" (of the {args.n} asked for: see the warning above)"
-    print(
-        f"wrote {n} crystals{asked} to {args.out} in {secs:.1f} s ({n / secs:.1f}/s, "
-        f"{gen.nfe} decoder evaluations per decoded candidate)"
-    )
-    return 0
-
-
-def _register_generation(subparsers) -> None:
-    """``train-flow`` and ``sample``."""
+def _register_train_flow(subparsers) -> None:
+    """``train-flow``."""
     f = _add_override_parser(
         subparsers,
         "train-flow",
@@ -444,89 +308,9 @@ def _register_generation(subparsers) -> None:
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(func=_train_flow)
 
-    s = subparsers.add_parser(
-        "sample",
-        help="generate crystals with a trained run (after train-flow)",
-        description="Draws crystals from the latent flow, decodes them, optionally "
-        "symmetrises them onto a space group, and writes each batch as it finishes. "
-        "Batch b uses fold_in(PRNGKey(seed), b): the same seed and batch size give "
-        "identical files.",
-        epilog="examples:\n"
-        "  autoperi sample --pretrained perov_5 -n 1000 --out gen.extxyz --seed 0\n"
-        "  autoperi sample --workdir runs/p5_c -n 10000 --out gen.extxyz "
-        "--condition heat_ref=0.5 --spacegroup 221 --seed 0\n"
-        "  autoperi sample --pretrained perov_5 -n 100 --out cifs/   # one CIF each",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_model_source(s, "run folder of `autoperi train-flow` (holds flow/model)")
-    s.add_argument("-n", type=int, required=True, help="number of crystals")
-    s.add_argument("--out", required=True, help="output .extxyz, or a folder for CIFs")
-    s.add_argument(
-        "--condition",
-        action="append",
-        metavar="NAME=VALUE",
-        help="target property in physical units (repeatable)",
-    )
-    s.add_argument("--spacegroup", type=int, default=None, help="requested space group 1-230")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument(
-        "--temperature",
-        type=float,
-        default=None,
-        help="base-noise temperature (default: the model's; perov_5: 1.1 unconditioned, "
-        "1.0 with --condition or --spacegroup)",
-    )
-    s.add_argument("--num-steps", type=int, default=None, help="decoder Euler steps (NFE)")
-    s.add_argument(
-        "--prior-noise",
-        type=float,
-        default=None,
-        help="noise (fractional std) around the coordinate guess where decoding starts "
-        "(default: the model's; 0 = deterministic decoding of each z)",
-    )
-    s.add_argument(
-        "--no-spacegroup-prior",
-        action="store_true",
-        help="without --spacegroup: sample the marginal flow, no symmetry layer (faster) "
-        "instead of drawing a group from the training distribution",
-    )
-    s.add_argument(
-        "--retries",
-        type=int,
-        default=None,
-        help="extra candidates per crystal when the composition check or the symmetry "
-        "layer rejects one (default: the model's, 1)",
-    )
-    s.add_argument(
-        "--no-checks",
-        action="store_true",
-        help="one candidate per crystal, kept as drawn: no charge-balance or contact check, "
-        "failed symmetrisations keep the decoded structure (the model without rejection)",
-    )
-    s.add_argument(
-        "--unique",
-        action="store_true",
-        help="write N mutually distinct crystals: a drawn crystal that pymatgen's "
-        "StructureMatcher (default tolerances) matches to an earlier one is dropped and "
-        "more batches are drawn (host side; uniqueness 1 by construction), at most "
-        "--max-batches of them",
-    )
-    s.add_argument(
-        "--max-batches",
-        type=int,
-        default=None,
-        help="with --unique: stop after this many batches and keep the distinct crystals "
-        "found so far (default 4 ceil(N / batch size) + 4)",
-    )
-    s.add_argument("--no-progress", action="store_true")
-    s.set_defaults(func=_sample)
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point that accepts ``--config.*`` overrides (``python -m train.cli``)."""
-    from autoperi_jax.cli import main as cli_main
-
     return cli_main(argv)
 
 

@@ -13,7 +13,6 @@ device count, so the same global batch gives the same numbers on 1 or N devices.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -23,42 +22,22 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from autoperi_jax.distributed import maybe_initialize_distributed
+
+__all__ = [
+    "DATA_AXIS",
+    "create_state",
+    "global_batch",
+    "jit_train_step",
+    "local_shards",
+    "make_mesh",
+    "maybe_initialize_distributed",  # re-exported from autoperi_jax.distributed, its home
+    "replicated",
+    "sharded",
+    "sharded_loss",
+]
+
 DATA_AXIS = "data"
-
-
-def maybe_initialize_distributed(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-) -> bool:
-    """Initialises multi-process JAX when asked to, from flags or environment variables.
-
-    Reads ``AUTOPERI_COORDINATOR`` (or ``JAX_COORDINATOR_ADDRESS``), ``AUTOPERI_NUM_PROCESSES``
-    and ``AUTOPERI_PROCESS_ID`` when the arguments are ``None``. On CPU the gloo collectives
-    are enabled first (needed for cross-process all-reduce on CPU). Call before any other JAX
-    work. On TPU pods / SLURM, ``jax.distributed.initialize()`` auto-detects everything:
-    set ``AUTOPERI_DISTRIBUTED=auto`` for that.
-
-    Returns:
-      True if JAX was initialised for several processes.
-    """
-    if jax.distributed.is_initialized():  # done earlier (autoperi_jax.cli, before the parser)
-        return True
-    env = os.environ
-    if env.get("AUTOPERI_DISTRIBUTED") == "auto":
-        jax.distributed.initialize()
-        return True
-    addr = (
-        coordinator_address or env.get("AUTOPERI_COORDINATOR") or env.get("JAX_COORDINATOR_ADDRESS")
-    )
-    if not addr:
-        return False
-    n = num_processes if num_processes is not None else int(env["AUTOPERI_NUM_PROCESSES"])
-    pid = process_id if process_id is not None else int(env["AUTOPERI_PROCESS_ID"])
-    # Cross-process collectives of the CPU backend (harmless when accelerators are used).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
-    return True
 
 
 def make_mesh(devices: list | None = None) -> Mesh:

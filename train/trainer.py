@@ -49,10 +49,10 @@ from autoperi_jax.crystal import Crystal, random_rotation
 from autoperi_jax.graph import BatchIterator, CrystalGraph, make_buckets, rewrap
 from autoperi_jax.model import ModelSettings, compute_normalisers, init_params, make_loss_fn
 from autoperi_jax.nn import Autoencoder
+from autoperi_jax.physics.composition_host import smact_validity
+from autoperi_jax.protocol import CDVAE_MATCHER
 from autoperi_jax.reconstruct import ordered_batches, reconstruct_dataset
 from autoperi_jax.run_config import build_model, build_settings, load_split
-from eval.metrics import smact_validity
-from eval.protocol import CDVAE_MATCHER
 from train import parallel
 from train.loop import (
     Logger,
@@ -99,8 +99,9 @@ def match_metrics(
     check_composition: bool = True,
 ) -> dict[str, float]:
     """`autoperi_jax.reconstruct.match_metrics` with the protocol's defaults: CDVAE's
-    matcher tolerances and the SMACT 2.x composition rule (`eval.metrics.smact_validity`,
-    unless ``check_composition`` is off); `autoperi eval --task recon` is the reference."""
+    matcher tolerances and the SMACT 2.x composition rule
+    (`autoperi_jax.physics.composition_host.smact_validity`, unless ``check_composition``
+    is off); `autoperi eval --task recon` is the reference."""
     tol = CDVAE_MATCHER if tolerances is None else tolerances
     return reconstruct.match_metrics(
         preds, refs, tol, smact_validity if check_composition else None

@@ -2,7 +2,7 @@
 
 Usage::
 
-  python eval/bench_train.py --steps 30 --devices 1 2 [--out bench_train.json]
+  python train/bench.py --steps 30 --devices 1 2 [--out bench_train.json]
       [--config train/configs/perov_5.py] [--config.KEY=VALUE ...]
 
 For every device count a worker subprocess starts with
@@ -38,27 +38,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from eval.bench import count_compiles
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_EPOCH_S = 60.0
 
 
-def count_compiles() -> list[tuple[str, float]]:
-    """A list that from now on receives ``(function name, seconds)`` for every XLA backend
-    compilation in this process (`jax.monitoring` event
-    ``/jax/core/compile/backend_compile_duration``)."""
-    import jax.monitoring
-
-    compiles: list[tuple[str, float]] = []
-
-    def listener(event: str, duration: float, **kw: Any) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append((str(kw.get("fun_name", "")), float(duration)))
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    return compiles
-
-
 def _worker(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    # lazy: the parent process only starts workers and needs none of this (jax, the model)
     import jax
     import numpy as np
 
