@@ -427,9 +427,9 @@ def _evaluate_gen(samples, reference, opts, train, workers, cache_dir, use_cache
     )  # fmt: skip
 
 
-def _evaluate_recon(preds, refs, opts, workers, cache_dir, use_cache, progress):
-    timer = _Timer()
-    preds, how, n_missing = align_predictions(preds, refs)
+def _paired_validity(preds, refs, opts, timer, workers, cache_dir, use_cache, progress):
+    """Features, fingerprint flags and validity masks of predictions and references (recon,
+    csp: CDVAE's and DiffCSP's Crystal count a failing fingerprint as invalid)."""
     feat_kw = dict(
         symprec=opts.symprec, min_distance=opts.min_distance, min_volume=opts.min_volume,
         workers=workers, progress=progress,
@@ -442,8 +442,15 @@ def _evaluate_recon(preds, refs, opts, workers, cache_dir, use_cache, progress):
         with timer("fingerprints"):
             _, p_ok, _, _ = _fps(preds, workers, cache_dir, use_cache, progress, comp=False)
             _, r_ok, _, _ = _fps(refs, workers, cache_dir, use_cache, progress, comp=False)
-    pv = _valid_mask(pf, p_ok, opts)
-    rv = _valid_mask(rf, r_ok, opts)
+    return pf, rf, p_ok, _valid_mask(pf, p_ok, opts), _valid_mask(rf, r_ok, opts)
+
+
+def _evaluate_recon(preds, refs, opts, workers, cache_dir, use_cache, progress):
+    timer = _Timer()
+    preds, how, n_missing = align_predictions(preds, refs)
+    pf, rf, p_ok, pv, rv = _paired_validity(
+        preds, refs, opts, timer, workers, cache_dir, use_cache, progress
+    )
     with timer("matching"):
         rec = M.reconstruction_metrics(
             preds.crystals, refs.crystals, pv, rv, opts.match_tolerances,
@@ -484,20 +491,9 @@ def _evaluate_recon(preds, refs, opts, workers, cache_dir, use_cache, progress):
 def _evaluate_csp(preds, refs, opts, workers, cache_dir, use_cache, progress):
     timer = _Timer()
     groups = C.group_predictions(preds.names, refs.names)
-    feat_kw = dict(
-        symprec=opts.symprec, min_distance=opts.min_distance, min_volume=opts.min_volume,
-        workers=workers, progress=progress,
-    )  # fmt: skip
-    with timer("features"):
-        pf = M.compute_features(preds.crystals, desc="predictions: validity", **feat_kw)
-        rf = M.compute_features(refs.crystals, desc="references: validity", **feat_kw)
-    p_ok = r_ok = None
-    if opts.fingerprint_validity:  # DiffCSP's Crystal: no fingerprint = invalid
-        with timer("fingerprints"):
-            _, p_ok, _, _ = _fps(preds, workers, cache_dir, use_cache, progress, comp=False)
-            _, r_ok, _, _ = _fps(refs, workers, cache_dir, use_cache, progress, comp=False)
-    pv = _valid_mask(pf, p_ok, opts)
-    rv = _valid_mask(rf, r_ok, opts)
+    pf, rf, p_ok, pv, rv = _paired_validity(
+        preds, refs, opts, timer, workers, cache_dir, use_cache, progress
+    )
     with timer("matching"):
         res = C.csp_metrics(
             preds.crystals, refs.crystals, groups, pv, rv, opts.csp_ks, opts.match_tolerances,
