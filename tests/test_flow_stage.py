@@ -212,7 +212,7 @@ def test_cli_parsers():
                                    "--condition", "heat_ref=0.5", "--condition", "dir_gap=1",
                                    "--spacegroup", "221"])  # fmt: skip
     assert s.n == 3 and s.spacegroup == 221 and s.seed == 0
-    from train.cli import _parse_conditions
+    from autoperi_jax.commands import _parse_conditions
 
     assert _parse_conditions(s.condition) == {"heat_ref": 0.5, "dir_gap": 1.0}
     with pytest.raises(ValueError):
