@@ -68,6 +68,13 @@ context vector c built from
   finite.
 * an optional space-group label ``spacegroup`` [batch] in 0..230 through a learned
   embedding table, label 0 meaning "unconditioned / any space group".
+* an optional composition ``composition`` [batch, A]: the atomic numbers of one cell
+  (0 = empty slot), for crystal structure prediction (``use_composition``): every atom
+  enters as gelu(Dense([Embed(Z), features(Z)])) with the tabulated electronegativity and
+  covalent radius of `autoperi_jax.elements.atom_features` (so an element seen rarely in
+  training still lands near chemically similar ones), averaged over the cell's atoms,
+  beside an embedding of the atom count; a cell with no atoms takes a learned null
+  embedding.
 
 Usage (every function is pure, params explicit, static shapes, jittable)::
 
@@ -91,6 +98,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from jax.scipy.linalg import solve_triangular
+
+from autoperi_jax.elements import atom_features
 
 __all__ = [
     "AffineCoupling",
@@ -116,6 +125,8 @@ Params = Any
 MASKS = ("halves", "checkerboard", "parts")
 PERMUTATIONS = ("none", "reverse", "random")
 N_SPACEGROUPS = 231  # labels 0..230; 0 = unconditioned / any
+N_ELEMENTS = 119  # atomic numbers 0..118; 0 = empty slot
+MAX_COUNT = 256  # atom counts above this share the last count embedding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +139,7 @@ class FlowConfig:
       hidden: widths of the hidden layers of every conditioner MLP.
       n_props: number of target properties (0 = none).
       use_spacegroup: condition on a space-group label (0..230, 0 = any).
+      use_composition: condition on the atoms of one cell (crystal structure prediction).
       context_features: width of the context vector fed to every conditioner.
       scale_max: s_max, bound of every per-layer log-scale.
       mask: ``'halves'``, ``'checkerboard'`` or ``'parts'`` (module docstring).
@@ -143,6 +155,7 @@ class FlowConfig:
     hidden: tuple[int, ...] = (256, 256)
     n_props: int = 0
     use_spacegroup: bool = False
+    use_composition: bool = False
     context_features: int = 64
     scale_max: float = 3.0
     mask: str = "halves"
@@ -179,7 +192,7 @@ class FlowConfig:
     @property
     def conditional(self) -> bool:
         """Whether the conditioners receive a context vector."""
-        return self.n_props > 0 or self.use_spacegroup
+        return self.n_props > 0 or self.use_spacegroup or self.use_composition
 
     @property
     def part_slices(self) -> dict[str, slice]:
@@ -203,11 +216,14 @@ class FlowContext(NamedTuple):
       props: [batch, n_props] normalised target properties (NaN allowed where missing).
       present: [batch, n_props] bool, True where the property is given.
       spacegroup: [batch] int space-group labels in 0..230 (0 = any).
+      composition: [batch, A] int atomic numbers of one cell, 0 on empty slots (the
+        order of the slots does not matter).
     """
 
     props: Array | None = None
     present: Array | None = None
     spacegroup: Array | None = None
+    composition: Array | None = None
 
 
 def standard_normal_log_prob(u: Array) -> Array:
@@ -273,7 +289,7 @@ def drop_context(
       The context with more properties missing / more labels 0.
     """
     k_props, k_sg = jax.random.split(key)
-    props, present, sg = context
+    props, present, sg = context.props, context.present, context.spacegroup
     if props is not None:
         if present is None:
             present = jnp.isfinite(props)
@@ -283,7 +299,7 @@ def drop_context(
         sg = jnp.asarray(sg)
         keep = jax.random.uniform(k_sg, sg.shape) >= p_spacegroup
         sg = jnp.where(keep, sg, 0)
-    return FlowContext(props, present, sg)
+    return context._replace(props=props, present=present, spacegroup=sg)
 
 
 # --------------------------------------------------------------------------- layer plan
@@ -520,28 +536,37 @@ class InvertibleLinearLU(nn.Module):
 
 
 class ContextEncoder(nn.Module):
-    """Context vector c from properties (with null embeddings) and a space group.
+    """Context vector c from properties (with null embeddings), a space group and a
+    composition.
 
     e_k = gelu(v_k w_k + b_k) if property k is present else e_k^null (learned),
     e_sg = Embed(spacegroup) (label 0 = any),
-    c = Dense(gelu(Dense([e_1, ..., e_P, e_sg]))).
+    e_comp = [mean_a gelu(Dense([Embed(Z_a), features(Z_a)])), Embed(n)] over the n atoms
+    of the cell (a learned null embedding when n = 0),
+    c = Dense(gelu(Dense([e_1, ..., e_P, e_sg, e_comp]))).
 
     Attributes:
       n_props: number of properties P.
       use_spacegroup: whether to embed the space group.
       features: width of each embedding and of c.
+      use_composition: whether to embed a composition.
     """
 
     n_props: int
     use_spacegroup: bool
     features: int
+    use_composition: bool = False
 
     @nn.compact
-    def __call__(self, props: Array, present: Array, spacegroup: Array) -> Array:
+    def __call__(
+        self, props: Array, present: Array, spacegroup: Array, composition: Array | None = None
+    ) -> Array:
         """Args:
           props: [batch, n_props] (ignored where not present; may be NaN there).
           present: [batch, n_props] bool.
           spacegroup: [batch] int in 0..230.
+          composition: [batch, A] int atomic numbers (0 = empty slot); with
+            ``use_composition`` only.
 
         Returns:
           c [batch, features].
@@ -559,9 +584,29 @@ class ContextEncoder(nn.Module):
         if self.use_spacegroup:
             sg = jnp.clip(spacegroup, 0, N_SPACEGROUPS - 1)
             embs.append(nn.Embed(N_SPACEGROUPS, f, embedding_init=nn.initializers.normal(1.0))(sg))
+        if self.use_composition:
+            embs.append(self._composition(composition))
         h = jnp.concatenate(embs, axis=-1)
         h = nn.gelu(nn.Dense(f, name="mix")(h))
         return nn.Dense(f, name="out")(h)
+
+    def _composition(self, numbers: Array) -> Array:
+        """e_comp [batch, 2 features] of atomic numbers [batch, A] (class docstring)."""
+        f = self.features
+        numbers = jnp.clip(numbers, 0, N_ELEMENTS - 1)
+        occupied = numbers > 0  # [batch, A]
+        table = jnp.asarray(atom_features(np.arange(N_ELEMENTS)))  # [119, 3], constants
+        embed = nn.Embed(N_ELEMENTS, f, embedding_init=nn.initializers.normal(1.0), name="element")
+        h = jnp.concatenate([embed(numbers), table[numbers]], -1)  # [batch, A, f + 3]
+        h = nn.gelu(nn.Dense(f, name="atom")(h))  # [batch, A, f]
+        count = jnp.sum(occupied, -1)  # [batch]
+        mean = jnp.sum(h * occupied[..., None], 1) / jnp.maximum(count, 1)[:, None]
+        null = self.param("null_composition", nn.initializers.normal(1.0), (f,))
+        mean = jnp.where((count > 0)[:, None], mean, null)
+        n_embed = nn.Embed(
+            MAX_COUNT + 1, f, embedding_init=nn.initializers.normal(1.0), name="count"
+        )
+        return jnp.concatenate([mean, n_embed(jnp.minimum(count, MAX_COUNT))], -1)
 
 
 # --------------------------------------------------------------------------- flow
@@ -580,7 +625,7 @@ class ConditionalRealNVP(nn.Module):
         cfg = self.config
         if cfg.conditional:
             self.context_encoder = ContextEncoder(
-                cfg.n_props, cfg.use_spacegroup, cfg.context_features
+                cfg.n_props, cfg.use_spacegroup, cfg.context_features, cfg.use_composition
             )
         layers = []
         for mask, perm in layer_plan(cfg):
@@ -595,13 +640,19 @@ class ConditionalRealNVP(nn.Module):
         cfg = self.config
         context = FlowContext() if context is None else FlowContext(*context)
         if not cfg.conditional:
-            if context.props is not None or context.spacegroup is not None:
-                raise ValueError("this flow is unconditional (n_props=0, use_spacegroup=False)")
+            if any(x is not None for x in context):
+                raise ValueError(
+                    "this flow is unconditional (n_props=0, no space group or composition)"
+                )
             return None
         if context.props is not None and cfg.n_props == 0:
             raise ValueError("context has props but config.n_props == 0")
         if context.spacegroup is not None and not cfg.use_spacegroup:
             raise ValueError("context has a spacegroup but config.use_spacegroup is False")
+        if context.composition is not None and not cfg.use_composition:
+            raise ValueError("context has a composition but config.use_composition is False")
+        if cfg.use_composition and context.composition is None:
+            raise ValueError("this flow predicts structures: its context needs a composition")
         p = cfg.n_props
         if context.props is None:
             props = jnp.zeros((batch, p), dtype)
@@ -617,7 +668,13 @@ class ConditionalRealNVP(nn.Module):
             sg = jnp.zeros((batch,), jnp.int32)
         else:
             sg = jnp.broadcast_to(jnp.asarray(context.spacegroup, jnp.int32), (batch,))
-        return self.context_encoder(props, present, sg).astype(dtype)
+        comp = None
+        if cfg.use_composition:
+            comp = jnp.asarray(context.composition, jnp.int32)
+            if comp.ndim != 2:
+                raise ValueError(f"composition must be [batch, A], got {comp.shape}")
+            comp = jnp.broadcast_to(comp, (batch, comp.shape[-1]))
+        return self.context_encoder(props, present, sg, comp).astype(dtype)
 
     def _check(self, x: Array) -> None:
         if x.ndim != 2 or x.shape[-1] != self.config.dim:
@@ -772,7 +829,8 @@ def _jitted_init(config: FlowConfig) -> Any:
         props = jnp.zeros((1, p), jnp.float32) if p else None
         present = jnp.ones((1, p), bool) if p else None
         sg = jnp.zeros((1,), jnp.int32) if config.use_spacegroup else None
-        context = FlowContext(props, present, sg)
+        comp = jnp.ones((1, 1), jnp.int32) if config.use_composition else None
+        context = FlowContext(props, present, sg, comp)
     return jax.jit(lambda key: module.init(key, z, context))
 
 

@@ -96,11 +96,11 @@ def _unconditioned(ctx: FlowContext | None) -> FlowContext | None:
     """The same structure as ``ctx`` with every condition missing (no recompilation)."""
     if ctx is None:
         return None
-    props, present, sg = ctx
-    return FlowContext(
-        None if props is None else np.zeros_like(props),
-        None if present is None else np.zeros_like(present),
-        None if sg is None else np.zeros_like(sg),
+    props, present, sg = ctx.props, ctx.present, ctx.spacegroup
+    return ctx._replace(
+        props=None if props is None else np.zeros_like(props),
+        present=None if present is None else np.zeros_like(present),
+        spacegroup=None if sg is None else np.zeros_like(sg),
     )
 
 
