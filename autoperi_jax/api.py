@@ -16,6 +16,7 @@ depends on the trainer's checkpoint layout::
     z = gen.encode(crystals)                                     # [n, D]
     again = gen.decode(z, jax.random.key(2))
     props = gen.predict(crystals)                                # {name: [n]}
+    preds = gen.predict_structures("SrTiO3", 20, jax.random.key(3))  # structure prediction
 
 Batches: `Generator.sample` draws batch ``b`` with ``fold_in(key, b)`` and always runs
 full batches of ``batch_size`` (one compiled shape), so the first m crystals of a call
@@ -38,6 +39,7 @@ import numpy as np
 from autoperi_jax.checkpoint import load_pytree
 from autoperi_jax.crystal import Crystal
 from autoperi_jax.distinct import DistinctFilter
+from autoperi_jax.elements import composition_numbers, formula_label
 from autoperi_jax.flow import FlowConfig
 from autoperi_jax.graph import GraphSettings, PaddingBudget, batch_graphs, crystal_to_graph
 from autoperi_jax.model import ModelSettings, decoded_to_crystals, make_decode_fn, make_encode_fn
@@ -63,6 +65,7 @@ __all__ = [
 ]
 
 BUNDLE = Path("flow") / "model"  # inside a run folder
+CSP_BUNDLE = "csp"  # the structure-prediction flow, a folder inside the model bundle
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"  # shipped bundles, one folder each
 
 
@@ -159,6 +162,8 @@ class Generator:
       params: ``{"autoencoder", "flow", "predictor", "stats"}`` (`autoperi_jax.sampling`).
       sample_fn: ``jax.jit(sample, static_argnums=2)``: the pure sample function.
       meta: the bundle's metadata (training metrics included).
+      path: the bundle folder (where `predict_structures` finds its ``csp`` flow).
+      prior_groups: the space groups of the training prior (None = any).
     """
 
     model: Autoencoder
@@ -174,8 +179,11 @@ class Generator:
     params: dict[str, Any]
     sample_fn: Any
     meta: dict[str, Any]
+    path: Path | None = None
+    prior_groups: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        self._csp: tuple[dict[str, Any], Any, dict[str, Any]] | None = None
         self._encode = jax.jit(make_encode_fn(self.model))
         self._decode = jax.jit(make_decode_fn(self.model, self._decode_settings, self.normalisers))
         self._predict = jax.jit(
@@ -328,6 +336,172 @@ class Generator:
             out.extend(crystals)
         return out
 
+    # ------------------------------------------------------- structure prediction
+    @property
+    def has_csp(self) -> bool:
+        """Whether the bundle holds a structure-prediction flow (``csp/``)."""
+        return self.path is not None and (self.path / CSP_BUNDLE / "meta.json").exists()
+
+    def _csp_parts(self) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+        """(params, jitted sample function, meta) of the ``csp`` flow, loaded once."""
+        if self._csp is None:
+            if not self.has_csp:
+                raise FileNotFoundError(
+                    f"{self.path}: this model has no structure-prediction flow ({CSP_BUNDLE}/); "
+                    "train one with `autoperi train-flow --workdir RUN --config "
+                    "train/configs/csp_perov_5.py`"
+                )
+            tree, meta = load_pytree(self.path / CSP_BUNDLE)
+            tree = jax.tree.map(jnp.asarray, tree)
+            if meta["autoencoder_step"] != self.meta["autoencoder"]["step"]:
+                raise ValueError(
+                    f"{self.path / CSP_BUNDLE}: trained on the autoencoder of step "
+                    f"{meta['autoencoder_step']}, this bundle's is step "
+                    f"{self.meta['autoencoder']['step']}"
+                )
+            flow_config = FlowConfig(**meta["flow_config"])
+            params = {
+                "autoencoder": self.params["autoencoder"],
+                "flow": tree["flow"],
+                "predictor": self.params["predictor"],
+                "stats": {**self.params["stats"], **tree["stats"]},
+            }
+            fn = make_sample_fn(
+                self.model,
+                self.settings,
+                self.normalisers,
+                flow_config,
+                tuple(meta["cond_names"]),
+                self.pred_names,
+                self.predictor_hidden,
+                self.sampler,
+                prior_groups=self.prior_groups,
+            )
+            self._csp = (params, jax.jit(fn, static_argnums=2), meta)
+        return self._csp
+
+    @property
+    def csp_fn(self) -> Any:
+        """The jitted pure structure-prediction function, ``csp_fn(csp_params, key, n,
+        conditions=None, spacegroup=None, temperature=None, composition=[n, A])`` (the
+        sample function of `autoperi_jax.sampling.make_sample_fn` on the composition
+        flow); its parameters are `csp_params`."""
+        return self._csp_parts()[1]
+
+    @property
+    def csp_params(self) -> dict[str, Any]:
+        """The parameters of `csp_fn` (this autoencoder and predictor, the csp flow)."""
+        return self._csp_parts()[0]
+
+    def composition_row(self, composition: Any) -> np.ndarray:
+        """[A] int32: the sorted atomic numbers of one cell, 0-padded to the model's
+        atom budget (`autoperi_jax.elements.composition_numbers`).
+
+        Raises:
+          ValueError: a bad composition, or more atoms than the model's ``max_atoms``.
+        """
+        numbers = composition_numbers(composition)
+        A = self.settings.max_atoms
+        if len(numbers) > A:
+            raise ValueError(
+                f"composition {composition!r} has {len(numbers)} atoms; this model's cells "
+                f"hold at most {A} (give the atoms of one cell, e.g. a reduced formula)"
+            )
+        row = np.zeros(A, np.int32)
+        row[: len(numbers)] = numbers
+        return row
+
+    def predict_structures_batches(
+        self,
+        compositions: Sequence[Any],
+        n: int,
+        key: jax.Array,
+        names: Sequence[str] | None = None,
+        spacegroup: int | None = None,
+        batch_size: int = 256,
+        temperature: float | None = None,
+    ) -> Iterator[list[Crystal]]:
+        """`predict_structures` for many compositions, batch by batch: ``n`` predictions
+        for each, named ``{names[i]}#{j}`` (the naming ``autoperi eval --task csp``
+        reads); rows are composition-major (i, then j), batch b drawn with
+        ``fold_in(key, b)``. Every composition is checked before the first batch."""
+        if n < 1 or batch_size < 1:
+            raise ValueError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
+        rows = np.stack([self.composition_row(c) for c in compositions])  # [C, A]
+        if names is None:
+            names = [f"prediction_{i:06d}" for i in range(len(rows))]
+        if len(names) != len(rows):
+            raise ValueError(f"{len(names)} names for {len(rows)} compositions")
+        params, fn, _ = self._csp_parts()
+        return self._predict_batches(
+            params, fn, rows, list(names), n, key, spacegroup, batch_size, temperature
+        )
+
+    def _predict_batches(
+        self,
+        params: dict[str, Any],
+        fn: Any,
+        rows: np.ndarray,
+        names: list[str],
+        n: int,
+        key: jax.Array,
+        spacegroup: int | None,
+        batch_size: int,
+        temperature: float | None,
+    ) -> Iterator[list[Crystal]]:
+        """Batches of ``n`` predictions per row of ``rows`` [C, A] (a generator, so the
+        checks of `predict_structures_batches` run before the first batch is drawn)."""
+        total = len(rows) * n
+        sg = None if spacegroup is None else int(spacegroup)
+        for b, start in enumerate(range(0, total, batch_size)):
+            idx = np.arange(start, start + batch_size)
+            comp = rows[np.minimum(idx, total - 1) // n]  # [B, A]; the tail repeats a row
+            key_b = jax.random.fold_in(key, b)
+            out = fn(params, key_b, batch_size, None, sg, temperature, jnp.asarray(comp))
+            count = min(batch_size, total - start)
+            crystals = outputs_to_crystals(out, count=count)
+            for r, c in zip(idx[:count], crystals):
+                object.__setattr__(c, "name", f"{names[r // n]}#{r % n}")
+            yield crystals
+
+    def predict_structures(
+        self,
+        composition: Any,
+        n: int,
+        key: jax.Array,
+        spacegroup: int | None = None,
+        batch_size: int = 256,
+        temperature: float | None = None,
+    ) -> list[Crystal]:
+        """Crystal structure prediction: ``n`` structures of the given atoms.
+
+        The composition flow of the bundle (``csp/``, `train.flow_stage` with
+        ``composition = True``) draws z ~ p(z | composition [, space group]) and the
+        decoder builds the lattice and the coordinates for exactly these atoms (count and
+        species are not sampled); each prediction is the first of ``1 + retries``
+        candidates that passes the sampler's contact check (`SamplerSettings`).
+
+        Args:
+          composition: a formula for one cell (``"SrTiO3"``), a pymatgen ``Composition``,
+            or a list of atomic numbers.
+          n: number of predictions.
+          key: PRNG key; batch b uses ``fold_in(key, b)``.
+          spacegroup: ask for this group (1..230) too; None = any.
+          batch_size: rows per compiled call (``min(batch_size, n)`` here).
+          temperature: base-noise temperature (None = ``sampler.conditioned_temperature``).
+
+        Returns:
+          ``n`` `Crystal` objects named ``{formula}#{j}``, with exactly the given atoms.
+        """
+        row = self.composition_row(composition)
+        name = formula_label(row)
+        out: list[Crystal] = []
+        for crystals in self.predict_structures_batches(
+            [composition], n, key, [name], spacegroup, min(batch_size, n), temperature
+        ):
+            out.extend(crystals)
+        return out
+
     # ------------------------------------------------------------ encode / decode
     def _graphs(self, crystals: Sequence[Crystal]) -> list[Any]:
         gs = GraphSettings(cutoff=self.graph_cutoff, max_neighbors=self.graph_max_neighbors)
@@ -428,6 +602,7 @@ def load(
     pred_names = tuple(meta["pred_names"])
     hidden = tuple(meta["predictor_hidden"])
     prior = np.asarray(tree["stats"].get("spacegroup_prior", np.zeros(0)))
+    prior_groups = tuple(int(g) for g in np.flatnonzero(prior > 0)) if prior.any() else None
     sample = make_sample_fn(
         model,
         settings,
@@ -437,7 +612,7 @@ def load(
         pred_names,
         hidden,
         sampler,
-        prior_groups=tuple(np.flatnonzero(prior > 0)) if prior.any() else None,
+        prior_groups=prior_groups,
     )
     return Generator(
         model=model,
@@ -453,6 +628,8 @@ def load(
         params=tree,
         sample_fn=jax.jit(sample, static_argnums=2),
         meta=meta,
+        path=bundle,
+        prior_groups=prior_groups,
     )
 
 

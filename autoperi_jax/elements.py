@@ -12,7 +12,7 @@ Sources (copied into this file so that loading needs neither network nor a slow 
 * ``ATOMIC_MASS``: standard atomic weights in amu from ``ase.data.atomic_masses`` (IUPAC 2016).
 """
 
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 
@@ -406,3 +406,71 @@ def atom_features(numbers: np.ndarray) -> np.ndarray:
         ],
         axis=-1,
     ).astype(np.float32)
+
+
+def composition_numbers(composition: Any) -> np.ndarray:
+    """The atoms of one cell as sorted atomic numbers.
+
+    Args:
+      composition: a formula string (``"SrTiO3"``, ``"Ba2TiO4"``: the atoms of one cell,
+        not a reduced formula), a pymatgen ``Composition`` (or any mapping element ->
+        count) with integer counts, or a sequence of atomic numbers.
+
+    Returns:
+      [n_atoms] int64 atomic numbers in ascending order.
+
+    Raises:
+      ValueError: an empty composition, an unknown element, a count that is not a
+        positive integer; each message names the composition.
+    """
+    from ase.data import atomic_numbers  # light (no ase.io)
+    from ase.formula import Formula
+
+    label = repr(composition if isinstance(composition, str) else str(composition))
+    if isinstance(composition, str):
+        text = composition.replace(" ", "")
+        if not text:
+            raise ValueError("empty composition: give a formula such as 'SrTiO3'")
+        try:
+            counts: dict[Any, Any] = dict(Formula(text).count())
+        except ValueError as e:
+            raise ValueError(
+                f"composition {label}: not a formula (element symbols with integer counts, "
+                "e.g. 'SrTiO3')"
+            ) from e
+    elif hasattr(composition, "items"):
+        counts = {str(k): v for k, v in composition.items()}
+    else:
+        numbers = np.asarray(composition)
+        if numbers.size == 0:
+            raise ValueError("empty composition: no atoms given")
+        if numbers.ndim != 1 or not np.issubdtype(numbers.dtype, np.integer):
+            raise ValueError(f"composition {label}: expected a list of atomic numbers")
+        bad = numbers[(numbers < 1) | (numbers > MAX_Z)]
+        if len(bad):
+            raise ValueError(f"composition {label}: atomic number {int(bad[0])} is not 1..{MAX_Z}")
+        return np.sort(numbers.astype(np.int64))
+    numbers_list: list[int] = []
+    for symbol, count in counts.items():
+        z = atomic_numbers.get(str(symbol))
+        if z is None or z < 1 or z > MAX_Z:
+            raise ValueError(f"composition {label}: unknown element {symbol!r}")
+        if float(count) != int(float(count)) or int(float(count)) < 1:
+            raise ValueError(
+                f"composition {label}: {symbol} has count {count}; the atoms of one cell "
+                "need positive integer counts"
+            )
+        numbers_list += [z] * int(float(count))
+    if not numbers_list:
+        raise ValueError(f"empty composition {label}: no atoms")
+    return np.sort(np.asarray(numbers_list, np.int64))
+
+
+def formula_label(numbers: Any) -> str:
+    """The formula of a cell's atomic numbers (0 = empty slot), metals first:
+    ``[8, 8, 8, 22, 38] -> 'SrTiO3'`` (the names of `Generator.predict_structures`)."""
+    from ase.data import chemical_symbols
+    from ase.formula import Formula
+
+    symbols = [chemical_symbols[int(z)] for z in np.asarray(numbers).ravel() if z]
+    return Formula.from_list(symbols).format("metal")

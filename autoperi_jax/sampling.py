@@ -252,8 +252,10 @@ def _context(
     cond_names: Sequence[str],
     stats: Mapping[str, Array],
     flow_config: FlowConfig,
+    composition: Array | None = None,
 ) -> FlowContext | None:
-    """Flow context of a batch: standardised given properties, null token elsewhere."""
+    """Flow context of a batch: standardised given properties, null token elsewhere;
+    the composition [n, A] for a structure-prediction flow."""
     if not flow_config.conditional:
         return None
     props = present = sg = None
@@ -275,7 +277,7 @@ def _context(
         props, present = jnp.stack(cols, -1), jnp.stack(pres, -1)  # [n, P]
     if flow_config.use_spacegroup and spacegroup is not None:
         sg = jnp.broadcast_to(jnp.asarray(spacegroup, jnp.int32), (n,))
-    return FlowContext(props, present, sg)
+    return FlowContext(props, present, sg, composition if flow_config.use_composition else None)
 
 
 def decoding_settings(settings: ModelSettings, sampler: SamplerSettings) -> ModelSettings:
@@ -394,10 +396,11 @@ def make_sample_fn(
             return_asymmetry=True,
         )
 
-    def propose(params, key, n, conditions, spacegroup, temperature):
-        """Flow -> z and the decoder's composition of z for n crystals (cheap: no GNN)."""
+    def propose(params, key, n, conditions, spacegroup, temperature, composition=None):
+        """Flow -> z and the decoder's composition of z for n crystals (cheap: no GNN);
+        a structure-prediction flow keeps the given ``composition`` [n, A] instead."""
         stats = params["stats"]
-        ctx = _context(n, conditions, spacegroup, cond_names, stats, flow_config)
+        ctx = _context(n, conditions, spacegroup, cond_names, stats, flow_config, composition)
         temp = sampler.temperature if temperature is None else temperature
         z_std, log_prob = flow.sample(params["flow"], key, n, ctx, temp)  # [n, D], [n]
         if sampler.guidance != 1.0 and ctx is not None:
@@ -407,6 +410,12 @@ def make_sample_fn(
             z_null, _ = flow.forward_and_log_det(params["flow"], u, None)
             z_std = z_null + sampler.guidance * (z_std - z_null)
         z = z_std * stats["z_std"] + stats["z_mean"]
+        if composition is not None:  # the atoms are given: nothing to check
+            numbers = composition.astype(jnp.int32)
+            n_atoms = jnp.sum(numbers > 0, -1).astype(jnp.int32)
+            comp_ok = jnp.ones((n,), bool)
+            return {"z": z, "log_prob": log_prob, "n_atoms": n_atoms, "numbers": numbers,
+                    "composition_valid": comp_ok}  # fmt: skip
         n_atoms, numbers = decode_composition(model, params["autoencoder"], z)  # [n], [n, A]
         if sampler.composition_check:
             mask = jnp.arange(numbers.shape[1])[None, :] < n_atoms[:, None]
@@ -482,10 +491,23 @@ def make_sample_fn(
     def take(tree, rows):
         return jax.tree.map(lambda x: x[rows], tree)
 
-    def sample(params, key, n, conditions=None, spacegroup=None, temperature=None):
+    def sample(params, key, n, conditions=None, spacegroup=None, temperature=None,
+               composition=None):  # fmt: skip
         stats = params["stats"]
         k_flow, k_dec = jax.random.split(key)
-        requested = spacegroup is not None or bool(conditions)
+        if flow_config.use_composition != (composition is not None):
+            raise ValueError(
+                "a structure-prediction flow (use_composition) samples for a given "
+                "composition [n, A], a generation flow without one"
+            )
+        if composition is not None:
+            composition = jnp.asarray(composition, jnp.int32)
+            if composition.shape != (n, settings.max_atoms):
+                raise ValueError(
+                    f"composition must be [n, max_atoms] = [{n}, {settings.max_atoms}], "
+                    f"got {composition.shape}"
+                )
+        requested = spacegroup is not None or bool(conditions) or composition is not None
         if temperature is None and requested and sampler.conditioned_temperature is not None:
             temperature = sampler.conditioned_temperature
         draw_groups = not requested and draws_spacegroups(sampler, flow_config)
@@ -515,7 +537,8 @@ def make_sample_fn(
             rep = lambda x: jnp.tile(jnp.broadcast_to(jnp.asarray(x), (n,)), K)  # noqa: E731
             cond_k = {k: rep(v) for k, v in (conditions or {}).items()} or conditions
             spacegroup = None if spacegroup is None else rep(spacegroup)
-            prop = propose(params, k_flow, n * K, cond_k, spacegroup, temperature)
+            comp_k = None if composition is None else jnp.tile(composition, (K, 1))
+            prop = propose(params, k_flow, n * K, cond_k, spacegroup, temperature, comp_k)
 
             def pick(ok):
                 ok = ok.reshape(K, n)
