@@ -273,3 +273,27 @@ def test_checkpoint_from_shipped_bundle_is_its_autoencoder(perov_test):
     z = encode_graphs(encode, ckpt["params"], gen._graphs(crystals))
     np.testing.assert_allclose(z, z_ref, atol=1e-5)
     assert ckpt["step"] == 6000 and ckpt["config"].data.dataset == "perov_5"
+
+
+def test_composition_flow_trains_beside_the_bundle_and_predicts(run, flow_setup):
+    """``composition = True`` (train/configs/csp_perov_5.py): a second flow written to
+    RUN/flow/model/csp next to the generation bundle, which it leaves untouched; the
+    loaded model then predicts structures with exactly the given atoms."""
+    from autoperi_jax import load
+    from train.flow_stage import train_flow
+
+    workdir, _ = run
+    ckpt, flow_config = flow_setup
+    bundle_meta = (workdir / "flow" / "model" / "meta.json").read_bytes()
+    fc = flow_config()
+    fc.composition, fc.properties, fc.predict_properties = True, (), ()
+    fc.num_steps, fc.val_every = 60, 60
+    summary = train_flow(workdir, fc, checkpoint=ckpt)
+    assert summary["val_nll"] < summary["val_nll_init"] - 1.0
+    assert (workdir / "flow" / "model" / "meta.json").read_bytes() == bundle_meta
+    gen = load(workdir)
+    assert gen.has_csp and gen.csp_fn is not None
+    preds = gen.predict_structures("TiBaO3", 3, jax.random.key(0))
+    assert [p.name for p in preds] == ["BaTiO3#0", "BaTiO3#1", "BaTiO3#2"]
+    for p in preds:
+        assert sorted(p.numbers.tolist()) == [8, 8, 8, 22, 56]

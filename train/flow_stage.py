@@ -48,6 +48,7 @@ import functools
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -58,7 +59,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from autoperi_jax.api import BUNDLE, encode_graphs
+from autoperi_jax.api import BUNDLE, CSP_BUNDLE, encode_graphs
 from autoperi_jax.checkpoint import (
     Checkpointer,
     load_checkpoint,
@@ -120,7 +121,9 @@ def latent_split(
 
     Returns:
       dict: ``z`` [n, D] float32, ``props`` [n, Q] float64 (columns ``names``, NaN where
-      missing), ``names`` [Q] str, ``spacegroup`` [n] int32 (0 = unknown).
+      missing), ``names`` [Q] str, ``spacegroup`` [n] int32 (0 = unknown),
+      ``composition`` [n, A] int32 (the atomic numbers of each cell in ascending order,
+      0 on the slots past its atom count; A = the model's ``max_atoms``).
     """
     names = list(dict.fromkeys([*config.properties, *config.predict_properties]))
     columns = list(names)
@@ -138,10 +141,11 @@ def latent_split(
         default=str,
     )
     cache = workdir / "flow" / f"latents_{split}.npz"
+    fields = ("z", "props", "names", "spacegroup", "composition")
     if cache.exists():
         with np.load(cache, allow_pickle=False) as f:
-            if str(f["key"]) == key:
-                return {k: f[k] for k in ("z", "props", "names", "spacegroup")}
+            if str(f["key"]) == key and all(k in f for k in fields):
+                return {k: f[k] for k in fields}
     ae_config = ml_collections.ConfigDict(ckpt["config"].to_dict())
     with ae_config.unlocked():
         ae_config.data.properties = tuple(columns)
@@ -152,7 +156,9 @@ def latent_split(
         jax.jit(make_encode_fn(model)), ckpt["params"], ds.graphs, config.encode_batch_size
     )
     print(f"encoded {len(z)} {split} crystals in {time.perf_counter() - t0:.1f} s")
-    props = np.stack([ds.property_array(k) for k in names], -1).astype(np.float64)
+    props = np.zeros((len(z), len(names)), np.float64)
+    for q, k in enumerate(names):
+        props[:, q] = ds.property_array(k)
     if config.spacegroup_source == "spglib":
         sg = spacegroup_labels(ds, config.symprec, config.progress)
     elif config.spacegroup_source == "column":
@@ -163,9 +169,27 @@ def latent_split(
         raise ValueError(
             f"spacegroup_source must be spglib|column|none: {config.spacegroup_source}"
         )
-    out = {"z": z.astype(np.float32), "props": props, "names": np.array(names), "spacegroup": sg}
+    out = {
+        "z": z.astype(np.float32),
+        "props": props,
+        "names": np.array(names),
+        "spacegroup": sg,
+        "composition": composition_rows(
+            [g.numbers for g in ds.graphs], int(ae_config.model.max_atoms)
+        ),
+    }
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, key=np.array(key), **out)
+    return out
+
+
+def composition_rows(numbers: Sequence[Any], max_atoms: int) -> np.ndarray:
+    """[n, max_atoms] int32: each cell's atomic numbers in ascending order, 0-padded (the
+    flow context of crystal structure prediction)."""
+    out = np.zeros((len(numbers), max_atoms), np.int32)
+    for i, z in enumerate(numbers):
+        z = np.sort(np.asarray(z, np.int32))[:max_atoms]
+        out[i, : len(z)] = z
     return out
 
 
@@ -202,60 +226,62 @@ def make_flow_loss(
     p_props: float,
     p_spacegroup: float,
 ) -> Any:
-    """``loss(params, z [B, D], props [B, P], sg [B], key) -> L_gen``: dequantisation noise
-    on the standardised z (std ``z_noise``, a scalar or [D] from `noise_scales`), then
-    condition dropout (module docstring)."""
+    """``loss(params, z [B, D], props [B, P], sg [B], key, composition=None) -> L_gen``:
+    dequantisation noise on the standardised z (std ``z_noise``, a scalar or [D] from
+    `noise_scales`), then condition dropout (module docstring). A composition flow
+    (``use_composition``) always sees the composition [B, A]: it is never dropped."""
     z_noise = np.asarray(z_noise, np.float32)
 
-    def loss(params, z, props, sg, key):
+    def loss(params, z, props, sg, key, composition=None):
         k_noise, k_drop, k_all = jax.random.split(key, 3)
         if np.any(z_noise > 0):
             z = z + z_noise * jax.random.normal(k_noise, z.shape, z.dtype)
-        ctx = FlowContext(
-            props if props.shape[-1] else None,
-            jnp.isfinite(props) if props.shape[-1] else None,
-            sg if flow.config.use_spacegroup else None,
-        )
-        if flow.config.conditional:
+        ctx = _context(flow.config, props, sg, composition)
+        if ctx is not None and (ctx.props is not None or ctx.spacegroup is not None):
             ctx = drop_context(k_drop, ctx, p_props, p_spacegroup)
             keep = jax.random.uniform(k_all, (z.shape[0],)) >= p_uncond
-            ctx = FlowContext(
-                None if ctx.props is None else ctx.props,
-                None if ctx.present is None else ctx.present & keep[:, None],
-                None if ctx.spacegroup is None else jnp.where(keep, ctx.spacegroup, 0),
+            ctx = ctx._replace(
+                present=None if ctx.present is None else ctx.present & keep[:, None],
+                spacegroup=None if ctx.spacegroup is None else jnp.where(keep, ctx.spacegroup, 0),
             )
-        else:
-            ctx = None
         return flow.loss(params, z, ctx)
 
     return loss
 
 
-def _nll(flow, params, z, props, sg, conditioned: bool, batch: int = 2048) -> float:
+def _context(config: FlowConfig, props, sg, composition, conditioned: bool = True):
+    """The `FlowContext` of a batch: every condition the flow takes (``conditioned``) or
+    only the composition, which a composition flow always needs (the marginal)."""
+    if not config.conditional:
+        return None
+    has_props = conditioned and props.shape[-1] > 0
+    return FlowContext(
+        props if has_props else None,
+        jnp.isfinite(props) if has_props else None,
+        sg if conditioned and config.use_spacegroup else None,
+        composition if config.use_composition else None,
+    )
+
+
+def _nll(flow, params, data: LatentBatch, conditioned: bool, batch: int = 2048) -> float:
     """Mean -log p(z | c) (nats per crystal) over a set, with all conditions given
-    (``conditioned``) or none (the marginal). Chunks are padded to ``batch`` rows (one
-    compiled shape)."""
+    (``conditioned``) or none (the marginal; a composition flow keeps the composition).
+    Chunks are padded to ``batch`` rows (one compiled shape)."""
     fn = _nll_fn(flow, conditioned)
-    batch = min(batch, len(z))
+    n = len(data.z)
+    batch = min(batch, n)
     total = 0.0
-    for s in range(0, len(z), batch):
-        idx = np.arange(s, s + batch) % len(z)
-        lp = np.asarray(fn(params, z[idx], props[idx], sg[idx]))
-        total -= float(lp[: min(batch, len(z) - s)].sum())
-    return total / len(z)
+    for s in range(0, n, batch):
+        idx = np.arange(s, s + batch) % n
+        lp = np.asarray(fn(params, *(x[idx] for x in data)))
+        total -= float(lp[: min(batch, n - s)].sum())
+    return total / n
 
 
 @functools.cache
 def _nll_fn(flow, conditioned: bool):
-    def fn(params, z, props, sg):
-        ctx = None
-        if conditioned and flow.config.conditional:
-            ctx = FlowContext(
-                props if props.shape[-1] else None,
-                jnp.isfinite(props) if props.shape[-1] else None,
-                sg if flow.config.use_spacegroup else None,
-            )
-        return flow.log_prob(params, z, ctx)
+    def fn(params, z, props, sg, composition):
+        return flow.log_prob(params, z, _context(flow.config, props, sg, composition, conditioned))
 
     return jax.jit(fn)
 
@@ -302,6 +328,7 @@ class LatentBatch(NamedTuple):
     z: np.ndarray  # [B, D] float32 standardised latents
     props: np.ndarray  # [B, P] float32 standardised conditions (NaN = missing)
     spacegroup: np.ndarray  # [B] int32 (0 = unknown)
+    composition: np.ndarray  # [B, A] int32 atomic numbers, ascending, 0-padded
 
 
 class LatentBatches(IndexBatches):
@@ -479,7 +506,7 @@ def standardise(
     def split(d):
         z = ((d["z"] - z_mean) / z_std).astype(np.float32)
         y = ((d["props"] - pm) / ps).astype(np.float32)
-        return LatentBatch(z, y[:, cond_idx], d["spacegroup"]), y
+        return LatentBatch(z, y[:, cond_idx], d["spacegroup"], d["composition"]), y
 
     (t, yt), (v, yv) = split(train), split(val)
     sgt = train["spacegroup"]
@@ -509,6 +536,7 @@ def _flow_config(config: ml_collections.ConfigDict, model: dict[str, Any], dim: 
         dim=dim,
         n_props=len(config.properties),
         use_spacegroup=config.spacegroup_source != "none",
+        use_composition=bool(config.get("composition", False)),
         parts=parts if sum(s for _, s in parts) == dim else (),
         seed=config.seed,
         **{
@@ -532,9 +560,9 @@ def _val_record(flow: Any, params: Any, data: LatentData) -> dict[str, float]:
     """Validation (and first-4096-training-rows) NLLs of ``params``, nats per crystal."""
     t, v = data.train, data.val
     rec = {
-        "val_nll": _nll(flow, params, v.z, v.props, v.spacegroup, True),
-        "val_nll_uncond": _nll(flow, params, v.z, v.props, v.spacegroup, False),
-        "train_nll": _nll(flow, params, t.z[:4096], t.props[:4096], t.spacegroup[:4096], True),
+        "val_nll": _nll(flow, params, v, True),
+        "val_nll_uncond": _nll(flow, params, v, False),
+        "train_nll": _nll(flow, params, LatentBatch(*(x[:4096] for x in t)), True),
     }
     rec["val_nll_per_dim"] = rec["val_nll"] / t.z.shape[1]
     return rec
@@ -568,7 +596,7 @@ def fit_flow(
     )
 
     def loss_fn(params, batch, k):
-        l_gen = gen_loss(params, batch.z, batch.props, batch.spacegroup, k)
+        l_gen = gen_loss(params, batch.z, batch.props, batch.spacegroup, k, batch.composition)
         return l_gen, {"l_gen": l_gen}
 
     train_step = parallel.jit_train_step(make_train_step(loss_fn, tx, schedule), mesh)
@@ -719,6 +747,10 @@ def train_flow(
         log.close()
         return {"interrupted": True}
     t_flow = time.perf_counter() - t0
+    if flow_config.use_composition:
+        return _save_csp(
+            workdir, config, ae, flow_config, fit, data, n_params, t_encode, t_flow, log
+        )
 
     t1 = time.perf_counter()
     pred_params, pred = train_predictor(
@@ -771,4 +803,51 @@ def train_flow(
     }
     save_pytree(workdir / BUNDLE, jax.device_get(tree), meta)
     (out_dir / "summary.json").write_text(json.dumps(to_jsonable(summary), indent=2))
+    return summary
+
+
+def _save_csp(
+    workdir: Path,
+    config: ml_collections.ConfigDict,
+    ae: dict[str, Any],
+    flow_config: FlowConfig,
+    fit: FlowFit,
+    data: LatentData,
+    n_params: int,
+    t_encode: float,
+    t_flow: float,
+    log: Logger,
+) -> dict[str, Any]:
+    """Writes a composition flow (``config.composition``) as ``RUN/flow/model/csp``: the
+    flow and the latent statistics (no autoencoder or predictor: it decodes with the
+    bundle's own autoencoder, whose training step it records)."""
+    summary = {
+        "val_nll": fit.val_nll,
+        "best_step": fit.best_step,
+        "val_nll_init": fit.val_nll_init,
+        "val_nll_per_dim": fit.val_nll / flow_config.dim,
+        "flow_params": n_params,
+        "encode_s": t_encode,
+        "flow_train_s": t_flow,
+        "n_train": len(data.train.z),
+    }
+    log({"step": config.num_steps, "split": "summary", **summary})
+    log.close()
+    meta = {
+        "format": 1,
+        "autoencoder_step": ae["step"],
+        "dataset": ae["dataset"],
+        "flow_config": dataclasses.asdict(flow_config),
+        "cond_names": list(config.properties),
+        "sampler": config.sampler.to_dict(),
+        "summary": summary,
+        "config": config.to_dict(),
+    }
+    # (Orbax cannot save an empty array: no cond_* without conditions)
+    names = ("z_mean", "z_std", "cond_mean", "cond_std")
+    stats = {k: data.stats[k] for k in names if data.stats[k].size}
+    save_pytree(
+        workdir / BUNDLE / CSP_BUNDLE, jax.device_get({"flow": fit.params, "stats": stats}), meta
+    )
+    (workdir / "flow" / "summary_csp.json").write_text(json.dumps(to_jsonable(summary), indent=2))
     return summary
