@@ -108,8 +108,94 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csp(args: argparse.Namespace) -> int:
+    import jax
+
+    from autoperi_jax.api import load
+    from autoperi_jax.datasets import load_crystals
+    from autoperi_jax.elements import formula_label
+    from autoperi_jax.io import write_batches
+
+    overrides: dict[str, Any] = {}
+    if args.num_steps is not None:
+        overrides["num_steps"] = args.num_steps
+    if args.retries is not None:
+        overrides["retries"] = args.retries
+    gen = load(model_source(args), **overrides)
+    spec = None
+    if args.composition:
+        compositions = list(args.composition)
+        names = [formula_label(gen.composition_row(c)) for c in compositions]
+    else:
+        dataset = gen.meta["autoencoder"]["dataset"]
+        spec = args.split if ":" in args.split else f"{dataset}:{args.split}"
+        kwargs = {"data_dir": args.data_dir} if args.data_dir else {}
+        crystals = load_crystals(spec, **kwargs)[: args.limit]
+        compositions = [c.numbers for c in crystals]
+        names = [c.name for c in crystals]
+        print(f"{spec}: {len(crystals)} compositions, {args.n} predictions each")
+    key = jax.random.PRNGKey(args.seed)
+    batches = gen.predict_structures_batches(
+        compositions, args.n, key, names, args.spacegroup, args.batch_size, args.temperature
+    )  # every composition checked here, before the output is touched
+    t0 = time.perf_counter()
+    total = len(compositions) * args.n
+    n = write_batches(batches, args.out, total, not args.no_progress, "csp")
+    secs = time.perf_counter() - t0
+    print(
+        f"wrote {n} predicted structures to {args.out} in {secs:.1f} s ({n / secs:.1f}/s, "
+        f"{gen.nfe} decoder evaluations per decoded candidate)"
+    )
+    if spec is not None:
+        print(f"then: autoperi eval --task csp --samples {args.out} --reference {spec} --k 1,20")
+    return 0
+
+
+def _register_csp(subparsers) -> None:
+    c = subparsers.add_parser(
+        "csp",
+        help="predict the crystal structure of a composition",
+        description="Crystal structure prediction: for a given composition (the atoms of "
+        "one cell) draws latents from the model's composition flow and decodes a lattice "
+        "and coordinates for exactly those atoms. With --split, N predictions for every "
+        "crystal of a dataset split, named ID#j, for `autoperi eval --task csp`.",
+        epilog="examples:\n"
+        "  autoperi csp --pretrained perov_5 --composition SrTiO3 -n 20 --out srtio3/\n"
+        "  autoperi csp --pretrained perov_5 --split test -n 20 --out csp_test.extxyz\n"
+        "  autoperi eval --task csp --samples csp_test.extxyz --reference perov_5:test --k 1,20",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_source(c, "run folder whose flow/model holds a csp/ flow")
+    what = c.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--composition",
+        action="append",
+        metavar="FORMULA",
+        help="atoms of one cell, e.g. SrTiO3 or Ba2TiO4 (repeatable)",
+    )
+    what.add_argument(
+        "--split",
+        help="every composition of a split: train|val|test of the model's dataset, or "
+        "DATASET:SPLIT",
+    )
+    c.add_argument("-n", type=int, required=True, help="predictions per composition")
+    c.add_argument("--out", required=True, help="output .extxyz, or a folder for CIFs")
+    c.add_argument("--data-dir", default=None, help="folder holding the split's files")
+    c.add_argument("--limit", type=int, default=None, help="only the first N of the split")
+    c.add_argument("--spacegroup", type=int, default=None, help="ask for this group (1-230)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--batch-size", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=None, help="base-noise temperature")
+    c.add_argument("--num-steps", type=int, default=None, help="decoder Euler steps (NFE)")
+    c.add_argument(
+        "--retries", type=int, default=None, help="extra candidates when the contact check fails"
+    )
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=_csp)
+
+
 def register(subparsers) -> None:
-    """Adds ``sample`` to the ``autoperi`` command line."""
+    """Adds ``sample`` and ``csp`` to the ``autoperi`` command line."""
     s = subparsers.add_parser(
         "sample",
         help="generate crystals with a trained run (after train-flow)",
@@ -187,3 +273,4 @@ def register(subparsers) -> None:
     )
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_sample)
+    _register_csp(subparsers)

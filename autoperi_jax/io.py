@@ -11,13 +11,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from tqdm import tqdm
 
-from autoperi_jax.crystal import write_structures
+from autoperi_jax.crystal import Crystal, write_structures
 
-__all__ = ["write_samples"]
+__all__ = ["write_batches", "write_samples"]
 
 
 def write_samples(
@@ -43,6 +44,22 @@ def write_samples(
     batches = gen.sample_batches(
         key, n, conditions, spacegroup, batch_size, temperature, unique, max_batches
     )
+    return write_batches(batches, out, n, progress, "sample", "sample_*.cif")
+
+
+def write_batches(
+    batches: Iterable[list[Crystal]],
+    out: str | Path,
+    total: int,
+    progress: bool = True,
+    desc: str = "sample",
+    stale: str = "*.cif",
+) -> int:
+    """Writes each batch of crystals as it arrives: appended to an extxyz file, or one CIF
+    per crystal in a folder plus ``properties.csv`` (the crystals' ``properties``). An
+    existing extxyz file is replaced; in a folder the files matching ``stale`` and
+    ``properties.csv`` are removed first. ``total`` sizes the progress bar. Returns the
+    number of crystals written."""
     out = Path(out)
     is_file = out.suffix in (".xyz", ".extxyz")
     if is_file:
@@ -50,11 +67,11 @@ def write_samples(
         out.write_text("")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        for f in out.glob("sample_*.cif"):
+        for f in out.glob(stale):
             f.unlink()
         (out / "properties.csv").unlink(missing_ok=True)
     written = 0
-    bar = tqdm(total=n, disable=not progress, desc="sample", unit="crystal")
+    bar = tqdm(total=total, disable=not progress, desc=desc, unit="crystal")
     for crystals in batches:
         write_structures(crystals, out, append=True)
         if not is_file:
