@@ -32,8 +32,8 @@ import numpy as np
 
 from autoperi_jax.crystal import Crystal
 from autoperi_jax.matching import match_rms
+from autoperi_jax.parallel import parallel_map
 from eval import metrics as M
-from eval.parallel import parallel_map
 
 __all__ = ["csp_metrics", "group_predictions", "single_answer_ceiling"]
 

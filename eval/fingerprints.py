@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from autoperi_jax.crystal import Crystal
-from eval.parallel import parallel_map
+from autoperi_jax.parallel import parallel_map
 
 __all__ = [
     "COMP_SCALER_MEANS",

@@ -34,10 +34,10 @@ import numpy as np
 from autoperi_jax.crystal import Crystal
 from autoperi_jax.distinct import DistinctFilter, matcher, reduced_formula, safe_fit
 from autoperi_jax.matching import match_rms, match_summary
+from autoperi_jax.parallel import parallel_map
 from autoperi_jax.physics.composition_host import smact_validity
 from autoperi_jax.protocol import CDVAE_MATCHER, COV_CUTOFFS, NOVELTY_MATCHER
 from eval.fingerprints import cdvae_comp_scale
-from eval.parallel import parallel_map
 
 __all__ = [
     "CDVAE_MATCHER",

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from autoperi_jax.crystal import Crystal, CrystalError
-from eval.parallel import parallel_map
+from autoperi_jax.parallel import parallel_map
 
 __all__ = ["StructureSet", "load_structure_set"]
 

@@ -1,4 +1,5 @@
-"""A chunked process-pool map with a progress bar, used by the evaluation code.
+"""A chunked process-pool map with a progress bar, used by the evaluation code and
+`autoperi csp --rank` (a light module: the standard library and tqdm).
 
 Work is cut into chunks; each chunk runs ``fn(chunk)`` in a worker process started with the
 ``forkserver`` method (``spawn`` where forkserver does not exist), never ``fork``: the parent
