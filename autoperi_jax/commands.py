@@ -140,6 +140,15 @@ def _csp(args: argparse.Namespace) -> int:
     )  # every composition checked here, before the output is touched
     t0 = time.perf_counter()
     total = len(compositions) * args.n
+    if args.rank:  # every composition's n predictions are needed before its first
+        from autoperi_jax.api import rank_predictions
+        from autoperi_jax.parallel import parallel_map
+
+        def map_chunks(fn, items):
+            return parallel_map(fn, items, args.workers, 64, "rank", not args.no_progress, "pair")
+
+        drawn = [c for b in batches for c in b]
+        batches = [rank_predictions(drawn, args.n, map_chunks)]
     n = write_batches(batches, args.out, total, not args.no_progress, "csp")
     secs = time.perf_counter() - t0
     print(
@@ -162,6 +171,7 @@ def _register_csp(subparsers) -> None:
         epilog="examples:\n"
         "  autoperi csp --pretrained perov_5 --composition SrTiO3 -n 20 --out srtio3/\n"
         "  autoperi csp --pretrained perov_5 --split test -n 20 --out csp_test.extxyz\n"
+        "  autoperi csp --pretrained perov_5 --composition KNbO3 -n 8 --rank --out knbo3.extxyz\n"
         "  autoperi eval --task csp --samples csp_test.extxyz --reference perov_5:test --k 1,20",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -190,6 +200,13 @@ def _register_csp(subparsers) -> None:
     c.add_argument(
         "--retries", type=int, default=None, help="extra candidates when the contact check fails"
     )
+    c.add_argument(
+        "--rank",
+        action="store_true",
+        help="order each composition's predictions by how many of the others agree "
+        "(StructureMatcher), the most supported first: #0 is the best single answer",
+    )
+    c.add_argument("--workers", type=int, default=None, help="processes for --rank")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=_csp)
 

@@ -18,7 +18,7 @@ import numpy as np
 from autoperi_jax.crystal import Crystal
 from autoperi_jax.distinct import matcher
 
-__all__ = ["match_rms", "match_summary"]
+__all__ = ["CONSENSUS_SCALE", "consensus_scores", "match_rms", "match_summary"]
 
 #: ``map_chunks(fn, items) -> results``: applies a function of a list of items to chunks
 #: of ``items`` (e.g. on several processes) and returns the flat list of results in order.
@@ -58,7 +58,7 @@ def match_rms(
       refs: [n] reference crystals.
       tolerances: ``ltol``, ``stol``, ``angle_tol`` (CDVAE: 0.3, 0.5, 10).
       use: [n] bool, the pairs to match (default all); the others are NaN.
-      map_chunks: how to map over chunks of pairs (e.g. `eval.parallel.parallel_map`);
+      map_chunks: how to map over chunks of pairs (e.g. `autoperi_jax.parallel.parallel_map`);
         default: in this process.
 
     Returns:
@@ -92,3 +92,48 @@ def match_summary(rms: np.ndarray) -> dict[str, float | int]:
         "rmse": float(rms[matched].mean()) if matched.any() else float("nan"),
         "n_matched": int(matched.sum()),
     }
+
+
+#: Length scale of `consensus_scores` (normalised RMS), chosen on Perov-5 validation
+#: compositions (400 x 8 predictions: 0.02 / 0.05 / 0.1 gave k = 1 match 58.5 / 58.2 /
+#: 58.5 %, RMSE 0.097 / 0.090 / 0.091; in the drawn order 55.8 %, 0.114).
+CONSENSUS_SCALE = 0.05
+
+
+def consensus_scores(
+    groups: Sequence[Sequence[Crystal]],
+    tolerances: Mapping[str, float],
+    scale: float = CONSENSUS_SCALE,
+    map_chunks: MapChunks | None = None,
+) -> list[np.ndarray]:
+    """How much the other predictions of a group agree with each one (a medoid score).
+
+    s_i = sum_{j != i} exp(-rms_ij / scale), rms_ij the `match_rms` distance of
+    predictions i and j of the same group (a term 0 where they do not match). Ranking a
+    composition's draws by s picks the structure the model predicts most often, sharply:
+    the mode of its distribution over structures rather than one draw of it.
+
+    Args:
+      groups: predictions of each composition (m_g crystals each).
+      tolerances: StructureMatcher tolerances (``CDVAE_MATCHER`` for the CSP protocol).
+      scale: the RMS length scale.
+      map_chunks: as in `match_rms` (the m_g (m_g - 1) / 2 pairs of every group).
+
+    Returns:
+      [m_g] float64 scores per group.
+    """
+    pairs = [
+        (g, i, j) for g, grp in enumerate(groups) for i, j in zip(*np.triu_indices(len(grp), 1))
+    ]
+    rms = match_rms(
+        [groups[g][i] for g, i, _ in pairs],
+        [groups[g][j] for g, _, j in pairs],
+        tolerances,
+        map_chunks=map_chunks,
+    )
+    kernel = np.where(np.isfinite(rms), np.exp(-np.nan_to_num(rms) / scale), 0.0)
+    scores = [np.zeros(len(grp)) for grp in groups]
+    for (g, i, j), w in zip(pairs, kernel):
+        scores[g][i] += w
+        scores[g][j] += w
+    return scores
