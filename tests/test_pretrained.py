@@ -32,7 +32,8 @@ def test_shipped_and_listed():
     assert "perov_5" in available_pretrained()
     path = pretrained_path("perov_5")
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    assert size < 16e6, f"shipped model is {size / 1e6:.1f} MB"
+    # two models: generation (autoencoder + flow + predictor, 11 MB) and the CSP flow (6 MB)
+    assert size < 24e6, f"shipped model is {size / 1e6:.1f} MB"
     assert (path / "MODEL_CARD.md").exists()
     with pytest.raises(FileNotFoundError, match="perov_5"):  # the message lists what exists
         pretrained_path("mp_20_does_not_exist")
