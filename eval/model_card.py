@@ -2,8 +2,8 @@
 
 The numbers in the README's results table are never typed by hand: `autoperi eval`
 writes ``metrics.json``; ``collect`` copies those files next to the shipped model
-(``autoperi_jax/pretrained/NAME/eval/{gen,gen_unique,recon,demo}.json``), ``table`` renders
-the Markdown table from them, and ``check`` (also run by tests/test_pretrained.py) fails when
+(``autoperi_jax/pretrained/NAME/eval/{gen,...,csp,csp_rank}.json``), ``table`` renders the
+Markdown table from them, and ``check`` (also run by tests/test_pretrained.py) fails when
 the README's table differs from what the shipped ``metrics.json`` files say::
 
   python -m eval.model_card collect --gen runs/pre/eval_gen --recon runs/pre/eval_recon \\
@@ -47,14 +47,36 @@ RECON_ROWS = (
     ("spacegroup_preserved", "space group preserved by reconstruction (spglib 0.1)", "pct"),
 )
 DEMO_ROWS = (*GEN_ROWS[:6], GEN_ROWS[7])  # no novelty: the demo evaluates without --train
+CSP_ROWS = (
+    ("match_rate_k1", "match rate, k = 1", "pct"),
+    ("rmse_k1", "RMSE, k = 1 (normalised by (V/N)^(1/3))", "num"),
+    ("match_rate_k20", "match rate, k = 20", "pct"),
+    ("rmse_k20", "RMSE, k = 20", "num"),
+    ("match_rate_ceiling_k1", "k = 1 ceiling: one answer per composition (polymorphs)", "pct"),
+)
+CSP_RANK_ROWS = (
+    ("match_rate_k1", "match rate, k = 1, `--rank` (first of 8 draws by consensus)", "pct"),
+    ("rmse_k1", "RMSE, k = 1, `--rank`", "num"),
+)
 PUBLISHED = ("CDVAE", "DiffCSP")
-FILES = {"gen": GEN_ROWS, "gen_unique": GEN_ROWS, "recon": RECON_ROWS, "demo": DEMO_ROWS}
+CSP_PUBLISHED = ("DiffCSP", "FlowMM")
+FILES = {
+    "gen": GEN_ROWS,
+    "gen_unique": GEN_ROWS,
+    "recon": RECON_ROWS,
+    "demo": DEMO_ROWS,
+    "csp": CSP_ROWS,
+    "csp_rank": CSP_RANK_ROWS,
+}
 TITLES = {
     "gen": "Generation, 10,000 samples (seed 0) vs the 3,785 test crystals",
     "gen_unique": "Generation with `--unique` (10,000 mutually distinct samples, seed 0) vs the "
     "3,785 test crystals",
     "recon": "Reconstruction of the 3,785 test crystals",
     "demo": "`make demo`: 1,200 samples (seed 0) vs the test crystals",
+    "csp": "Structure prediction: 20 predictions (seed 0) for each of the 3,785 test compositions",
+    "csp_rank": "Structure prediction, 8 predictions per test composition ranked by "
+    "consensus (`--rank`), k = 1",
 }
 # The commands that produced each metrics file (the eval command is also recorded
 # inside the file as inputs.command).
@@ -74,6 +96,14 @@ COMMANDS = {
         "autoperi eval --task recon --samples recon.extxyz --reference perov_5:test --out OUT",
     ),
     "demo": ("make demo",),
+    "csp": (
+        "autoperi csp --pretrained perov_5 --split test -n 20 --seed 0 --out csp.extxyz",
+        "autoperi eval --task csp --samples csp.extxyz --reference perov_5:test --k 1,20 --out OUT",
+    ),
+    "csp_rank": (
+        "autoperi csp --pretrained perov_5 --split test -n 8 --rank --seed 0 --out rank.extxyz",
+        "autoperi eval --task csp --samples rank.extxyz --reference perov_5:test --k 1 --out OUT",
+    ),
 }
 
 
@@ -148,6 +178,24 @@ def render_table(name: str = "perov_5", folder: Path | None = None) -> str:
         # no published numbers beside it.
         figures = ", ".join(f"{label} {_ours(demo, key, fmt)}" for key, label, fmt in DEMO_ROWS)
         lines.append(f"`make demo` (1,200 samples, seed 0): {figures}.")
+        lines.append("")
+    csp = d["csp"]
+    if csp:
+        lines.append(
+            "Crystal structure prediction on the same test split, DiffCSP's protocol: 20 "
+            "predictions per test composition from the shipped composition flow; a test "
+            "crystal is matched if one of the first k valid predictions matches it (CDVAE "
+            "matcher), RMSE over the matched ones."
+        )
+        lines.append("")
+        lines.append("| metric | shipped CSP flow | " + " | ".join(CSP_PUBLISHED) + " |")
+        lines.append("|---" * (2 + len(CSP_PUBLISHED)) + "|")
+        rows = [(key, label, fmt, csp) for key, label, fmt in CSP_ROWS]
+        if d["csp_rank"]:
+            rows[2:2] = [(key, label, fmt, d["csp_rank"]) for key, label, fmt in CSP_RANK_ROWS]
+        for key, label, fmt, src in rows:
+            theirs = [_published(src, key, fmt, c) for c in CSP_PUBLISHED]
+            lines.append(f"| {label} | " + " | ".join([_ours(src, key, fmt), *theirs]) + " |")
         lines.append("")
     lines.append(f"Files (in `autoperi_jax/pretrained/{name}/eval/`) and their commands:")
     lines.append("")
