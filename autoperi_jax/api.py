@@ -39,7 +39,7 @@ import numpy as np
 from autoperi_jax.checkpoint import load_pytree
 from autoperi_jax.crystal import Crystal
 from autoperi_jax.distinct import DistinctFilter
-from autoperi_jax.elements import composition_numbers, formula_label
+from autoperi_jax.elements import composition_row, formula_label
 from autoperi_jax.flow import FlowConfig
 from autoperi_jax.graph import GraphSettings, PaddingBudget, batch_graphs, crystal_to_graph
 from autoperi_jax.matching import MapChunks, consensus_scores
@@ -398,21 +398,12 @@ class Generator:
 
     def composition_row(self, composition: Any) -> np.ndarray:
         """[A] int32: the sorted atomic numbers of one cell, 0-padded to the model's
-        atom budget (`autoperi_jax.elements.composition_numbers`).
+        atom budget (`autoperi_jax.elements.composition_row`).
 
         Raises:
           ValueError: a bad composition, or more atoms than the model's ``max_atoms``.
         """
-        numbers = composition_numbers(composition)
-        A = self.settings.max_atoms
-        if len(numbers) > A:
-            raise ValueError(
-                f"composition {composition!r} has {len(numbers)} atoms; this model's cells "
-                f"hold at most {A} (give the atoms of one cell, e.g. a reduced formula)"
-            )
-        row = np.zeros(A, np.int32)
-        row[: len(numbers)] = numbers
-        return row
+        return composition_row(composition, self.settings.max_atoms)
 
     def predict_structures_batches(
         self,

@@ -466,6 +466,24 @@ def composition_numbers(composition: Any) -> np.ndarray:
     return np.sort(np.asarray(numbers_list, np.int64))
 
 
+def composition_row(composition: Any, max_atoms: int) -> np.ndarray:
+    """[max_atoms] int32: the sorted atomic numbers of one cell (`composition_numbers`),
+    0-padded to a model's atom budget: the flow context of crystal structure prediction.
+
+    Raises:
+      ValueError: a bad composition, or more than ``max_atoms`` atoms (never truncated).
+    """
+    numbers = composition_numbers(composition)
+    if len(numbers) > max_atoms:
+        raise ValueError(
+            f"composition {composition!r} has {len(numbers)} atoms; this model's cells "
+            f"hold at most {max_atoms} (give the atoms of one cell, e.g. a reduced formula)"
+        )
+    row = np.zeros(max_atoms, np.int32)
+    row[: len(numbers)] = numbers
+    return row
+
+
 def formula_label(numbers: Any) -> str:
     """The formula of a cell's atomic numbers (0 = empty slot), metals first:
     ``[8, 8, 8, 22, 38] -> 'SrTiO3'`` (the names of `Generator.predict_structures`)."""

@@ -83,6 +83,7 @@ from autoperi_jax.checkpoint import (
     save_pytree,
     to_jsonable,
 )
+from autoperi_jax.elements import composition_row
 from autoperi_jax.flow import FlowConfig, FlowContext, drop_context, make_flow
 from autoperi_jax.model import make_encode_fn
 from autoperi_jax.nn.autoencoder import Autoencoder
@@ -200,13 +201,9 @@ def latent_split(
 
 
 def composition_rows(numbers: Sequence[Any], max_atoms: int) -> np.ndarray:
-    """[n, max_atoms] int32: each cell's atomic numbers in ascending order, 0-padded (the
-    flow context of crystal structure prediction)."""
-    out = np.zeros((len(numbers), max_atoms), np.int32)
-    for i, z in enumerate(numbers):
-        z = np.sort(np.asarray(z, np.int32))[:max_atoms]
-        out[i, : len(z)] = z
-    return out
+    """[n, max_atoms] int32: each cell's atomic numbers in ascending order, 0-padded
+    (`autoperi_jax.elements.composition_row`, the context predictions are drawn with)."""
+    return np.stack([composition_row(np.asarray(z), max_atoms) for z in numbers])
 
 
 # ------------------------------------------------------------------------------ flow
