@@ -37,6 +37,7 @@ from autoperi_jax.lattice import cell_to_lattice_params, xp_of
 
 __all__ = [
     "BatchIterator",
+    "CandidateEdges",
     "CrystalGraph",
     "GraphSettings",
     "PaddingBudget",
@@ -600,6 +601,33 @@ def dense_neighbor_list(frac, cell, atom_mask, cutoff: float, max_shift: int, ma
     }
 
 
+class CandidateEdges(NamedTuple):
+    """In-jit periodic edge list of a batch of dense crystals (`periodic_candidates`).
+
+    M = G * edges_per_crystal slots; node indices are flat, ``g * A + slot``.
+
+    Attributes:
+      senders, receivers: [M] int32 flat node indices (j and i of the edge; 0 on padding).
+      shifts: [M, 3] int32 image vectors k_ij.
+      distances: [M] |r_ij| in A (0 on padding).
+      mask: [M] bool, the real edges.
+      edge_graph: [M] int32 crystal of each edge.
+      num_edges: [G] int32 edges each crystal has within the cutoff (before compaction).
+      complete: [G] bool, the image range covers the cutoff for that cell.
+      overflow: [] bool, the batch had more edges than slots (the last crystals lost some).
+    """
+
+    senders: Any
+    receivers: Any
+    shifts: Any
+    distances: Any
+    mask: Any
+    edge_graph: Any
+    num_edges: Any
+    complete: Any
+    overflow: Any
+
+
 def periodic_candidates(
     frac: Any,  # [G, A, 3]
     cell: Any,  # [G, 3, 3]
@@ -607,7 +635,7 @@ def periodic_candidates(
     cutoff: float,
     max_shift: int,
     edges_per_crystal: int,
-) -> dict[str, Any]:
+) -> CandidateEdges:
     """In-jit periodic neighbour list of a batch of dense crystals, as one edge list.
 
     Every ordered atom pair of a crystal and every image in ``[-max_shift, max_shift]^3``
@@ -628,10 +656,7 @@ def periodic_candidates(
       edges_per_crystal: average edge budget per crystal (static).
 
     Returns:
-      dict with ``senders``, ``receivers`` [M] (flat node index g * A + slot), ``shifts``
-      [M, 3] int32, ``distances`` [M], ``mask`` [M], ``edge_graph`` [M]
-      (M = G * edges_per_crystal), per-crystal ``num_edges`` and ``complete`` [G], and the
-      batch ``overflow`` (bool).
+      `CandidateEdges` with M = G * edges_per_crystal slots.
     """
     import jax.numpy as jnp  # lazy: host-only users (data workers, the CLI) skip jax (0.6 s)
 
@@ -659,14 +684,14 @@ def periodic_candidates(
     s = idx % S
     recip_norms = jnp.linalg.norm(jnp.linalg.inv(cell), axis=1)  # [G, 3]
     complete = jnp.all(jnp.floor(cutoff * recip_norms) + 1 <= max_shift, axis=-1)
-    return {
-        "senders": jnp.where(emask, g * A + j, 0).astype(jnp.int32),
-        "receivers": jnp.where(emask, g * A + i, 0).astype(jnp.int32),
-        "shifts": jnp.where(emask[:, None], shifts[s], 0),
-        "distances": jnp.where(emask, r.reshape(-1)[idx], 0.0),
-        "mask": emask,
-        "edge_graph": jnp.where(emask, g, 0).astype(jnp.int32),
-        "num_edges": num,
-        "complete": complete,
-        "overflow": jnp.sum(num) > budget,
-    }
+    return CandidateEdges(
+        senders=jnp.where(emask, g * A + j, 0).astype(jnp.int32),
+        receivers=jnp.where(emask, g * A + i, 0).astype(jnp.int32),
+        shifts=jnp.where(emask[:, None], shifts[s], 0),
+        distances=jnp.where(emask, r.reshape(-1)[idx], 0.0),
+        mask=emask,
+        edge_graph=jnp.where(emask, g, 0).astype(jnp.int32),
+        num_edges=num,
+        complete=complete,
+        overflow=jnp.sum(num) > budget,
+    )

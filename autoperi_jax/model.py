@@ -1,9 +1,8 @@
-"""Pure functions around `autoperi_jax.nn.Autoencoder`: layouts, losses, decoding.
+"""Pure functions around `autoperi_jax.nn.Autoencoder`: layouts, the velocity field, decoding.
 
 Everything here is a pure function or a factory returning one (jax-md style), so the
 training step, the sharded trainer of a later issue and user code share it:
 
-* `make_loss_fn(model, settings, normalisers)` -> ``loss_fn(params, batch, key)``;
 * `make_encode_fn(model)` -> ``encode(params, batch) -> z``;
 * `make_decode_fn(model, settings, normalisers)` -> ``decode(params, z, key)``: decode
   lattice -> composition -> coordinates -> bonds from latents (the generative model
@@ -17,48 +16,19 @@ The torus maths of the coordinate flow (`wrap_centered`, `flow_path`, `couple`,
 in-jit candidate edge list (`periodic_candidates`) in `autoperi_jax.graph`, beside the
 other neighbour lists; both are re-exported here.
 
-Losses (method section 2.3), every one masked for padding graphs / atoms / edges:
-
-* ``L_lattice``: mean squared error of the standardised lattice vector y (`cell_to_y`);
-* ``L_atom``: cross-entropy of the atom count plus the mean cross-entropy of the species
-  of every atom slot (atoms sorted by atomic number);
-* ``L_coord``: conditional flow matching on the flat torus (Lipman et al., ICLR 2023;
-  FlowMM, Miller et al., ICML 2024). The flow starts at x_0, by default the
-  `CoordinateGuess` of z plus a little wrapped Gaussian noise (``flow_prior='learned'``;
-  ``'uniform'`` noise is the other option). The data x_1 is coupled to x_0 by translating
-  it to the nearest translate (`align_translation`) and pairing same-species atoms
-  optimally (`ot_pair`): z is translation invariant and identical atoms are
-  interchangeable, so every such x_1 is a valid end point. With w = wrap(x_1 - x_0) made
-  mean-free, x_t = (x_0 + t w) mod 1 and the target velocity is w:
-  ``L_flow = sum_i |v(x_t, t | z) - w_i|^2 / n`` (fractional units). With the learned
-  prior ``L_coord = L_flow + lambda_guess L_guess``, L_guess the same coupled squared
-  error of the guess itself;
-* ``L_connect``: binary cross-entropy of every candidate periodic edge (i, j, k_ij) within
-  ``connect_cutoff`` of the true structure against the covalent-radius bond criterion
-  ``d_ij < (1 + bond_tolerance) (r_cov(Z_i) + r_cov(Z_j))`` (radii of
-  `autoperi_jax.elements`).
+The training loss is built from these parts in `autoperi_jax.loss`.
 
 Decoding integrates dx/dt = v(x, t | z) from x_0 with ``num_steps`` Euler steps on the
 torus (one velocity evaluation per step). By default the network predicts the
 displacement to the end point and v = D / (1 - t) (``ModelSettings.flow_target``), so the
 last step lands on the predicted structure.
-
-Measured on 32 Perov-5 training crystals after 1000 steps (the same small model;
-teacher-forced lattice and composition; StructureMatcher RMSE): uniform prior with
-independent coupling 0.236; with the translation / pairing coupling 0.244 (its flow
-loss halves, 0.099 -> 0.043, but samples do not improve); that plus self-conditioning
-0.236, or plus 5 wider layers (64x0e+32x1o) 0.228; learned prior 0.010. From uniform
-noise the velocity field must register the whole structure onto random points early in
-the flow, which this network did not learn; starting from the guess turns decoding into
-an equivariant refinement.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,8 +36,9 @@ import numpy as np
 
 from autoperi_jax.crystal import Crystal, cell_to_lattice_params, lattice_params_to_cell, wrap_frac
 from autoperi_jax.elements import atom_features
-from autoperi_jax.graph import node_graph_index, periodic_candidates
+from autoperi_jax.graph import CandidateEdges, node_graph_index, periodic_candidates
 from autoperi_jax.nn.autoencoder import Autoencoder
+from autoperi_jax.nn.decoder import VelocityInputs
 from autoperi_jax.torus import (
     align_translation,
     couple,
@@ -78,11 +49,14 @@ from autoperi_jax.torus import (
 )
 
 __all__ = [
+    "CandidateEdges",
+    "DenseCrystals",
     "ModelSettings",
     "align_translation",
     "bond_targets",
     "cell_to_y",
     "compute_normalisers",
+    "connectivity_logits",
     "couple",
     "decode_composition",
     "decoded_bonds",
@@ -94,11 +68,13 @@ __all__ = [
     "lattice_from_y",
     "make_decode_fn",
     "make_encode_fn",
-    "make_loss_fn",
     "make_reconstruct_fn",
     "ot_pair",
+    "per_graph_normal",
+    "per_graph_uniform",
     "periodic_candidates",
     "sort_by_species",
+    "velocity_inputs",
     "wrap_centered",
 ]
 
@@ -154,7 +130,8 @@ class ModelSettings:
         pairings of the squared periodic error) inside ``L_coord``.
       beta_phys: weight beta of ``L_phys`` (method section 2.5) on the decoder's one-shot
         structure (the `CoordinateGuess` on the true cell and species; needs
-        ``flow_prior='learned'`` and a ``phys_fn`` in `make_loss_fn`); 0 = not computed.
+        ``flow_prior='learned'`` and a ``phys_fn`` in `autoperi_jax.loss.make_loss_fn`);
+        0 = not computed.
     """
 
     max_atoms: int = 20
@@ -255,15 +232,31 @@ def compute_normalisers(graphs: Sequence[Any], min_std: float = 1e-3) -> dict[st
 
 
 # ---------------------------------------------------------------------------- layouts
-def dense_layout(graph, max_atoms: int) -> dict[str, Array]:
+class DenseCrystals(NamedTuple):
+    """A batch of crystals as dense per-crystal arrays, A atom slots each (`dense_layout`).
+
+    Attributes:
+      numbers: [G, A] int32 atomic numbers (0 on empty slots).
+      frac: [G, A, 3] fractional coordinates.
+      features: [G, A, 3] `autoperi_jax.elements.atom_features` of the species.
+      mask: [G, A] bool, the real atoms.
+      n_atoms: [G] int32 atoms per crystal (0 for padding graphs).
+      cell: [G, 3, 3] cells (rows = lattice vectors).
+    """
+
+    numbers: Array
+    frac: Array
+    features: Array
+    mask: Array
+    n_atoms: Array
+    cell: Array
+
+
+def dense_layout(graph, max_atoms: int) -> DenseCrystals:
     """Per-crystal dense arrays [G, A] of a padded `jraph.GraphsTuple`.
 
     Node ``n`` of graph ``g`` goes to slot ``n - offset[g]``; the padding graph's nodes and
     slots past ``max_atoms`` are dropped (the host checks the atom budget).
-
-    Returns:
-      dict: ``numbers`` [G, A] int32, ``frac`` [G, A, 3], ``features`` [G, A, 3], ``mask``
-      [G, A] bool, ``n_atoms`` [G] int32 (0 for padding graphs), ``cell`` [G, 3, 3].
     """
     nodes = graph.nodes
     n_total = nodes["numbers"].shape[0]
@@ -279,14 +272,14 @@ def dense_layout(graph, max_atoms: int) -> dict[str, Array]:
         return out.at[flat].set(x, mode="drop").reshape(G, A, *x.shape[1:])
 
     n_atoms = jnp.where(graph.globals["mask"], jnp.minimum(graph.n_node, A), 0)
-    return {
-        "numbers": scatter(nodes["numbers"]),
-        "frac": scatter(nodes["frac_coords"]),
-        "features": scatter(nodes["features"]),
-        "mask": scatter(ok, False),
-        "n_atoms": n_atoms.astype(jnp.int32),
-        "cell": graph.globals["cell"],
-    }
+    return DenseCrystals(
+        numbers=scatter(nodes["numbers"]),
+        frac=scatter(nodes["frac_coords"]),
+        features=scatter(nodes["features"]),
+        mask=scatter(ok, False),
+        n_atoms=n_atoms.astype(jnp.int32),
+        cell=graph.globals["cell"],
+    )
 
 
 def bond_targets(numbers_i: Array, numbers_j: Array, distances: Array, tolerance: float) -> Array:
@@ -296,8 +289,31 @@ def bond_targets(numbers_i: Array, numbers_j: Array, distances: Array, tolerance
 
 
 # ------------------------------------------------------------------------------ flow
-def _wrapped_normal(key: Array, n_graph: int, shape: tuple[int, ...], std: float) -> Array:
-    return std * _per_graph_normal(key, n_graph, shape)
+def velocity_inputs(
+    numbers: Array,  # [G, A] int
+    feats: Array,  # [G, A, 3]
+    x: Array,  # [G, A, 3]
+    cell: Array,  # [G, 3, 3]
+    mask: Array,  # [G, A] bool
+    cand: CandidateEdges,
+    self_cond: Array | None = None,  # [G * A, 3] Cartesian
+) -> VelocityInputs:
+    """Dense crystals and their candidate edges as the velocity field's flat inputs."""
+    G, A = mask.shape
+    return VelocityInputs(
+        numbers=numbers.reshape(-1),
+        atom_features=feats.reshape(-1, 3),
+        frac=x.reshape(-1, 3),
+        cell=cell,
+        node_graph=jnp.repeat(jnp.arange(G), A),
+        node_mask=mask.reshape(-1),
+        senders=cand.senders,
+        receivers=cand.receivers,
+        shifts=cand.shifts,
+        edge_mask=cand.mask,
+        edge_graph=cand.edge_graph,
+        self_cond=self_cond,
+    )
 
 
 def dense_velocity(
@@ -312,7 +328,7 @@ def dense_velocity(
     mask: Array,  # [G, A] bool
     settings: ModelSettings,
     self_cond: Array | None = None,  # [G, A, 3] fractional displacement to previous x1-hat
-) -> tuple[Array, dict[str, Array]]:
+) -> tuple[Array, CandidateEdges]:
     """The coordinate decoder's velocity field on dense crystals.
 
     Wraps ``x`` into [0, 1) (so the field is periodic in every atom), builds the in-jit
@@ -323,15 +339,14 @@ def dense_velocity(
 
     Returns:
       fractional velocities [G, A, 3] (mean-free per crystal, 0 on padding) and the
-      candidate edge list.
+      `CandidateEdges` it used.
     """
     G, A = mask.shape
     x = wrap_frac(x)
-    extra = ()
+    sc = None
     if model.self_condition:
         sc = jnp.zeros_like(x) if self_cond is None else wrap_centered(self_cond)
         sc = jnp.einsum("gai,gij->gaj", sc * mask[..., None], cell).reshape(-1, 3)
-        extra = (sc,)
     cand = periodic_candidates(
         x,
         cell,
@@ -340,24 +355,8 @@ def dense_velocity(
         settings.flow_max_shift,
         settings.flow_edges_per_crystal,
     )
-    v = model.apply(
-        params,
-        z,
-        t,
-        numbers.reshape(-1),
-        feats.reshape(-1, 3),
-        x.reshape(-1, 3),
-        cell,
-        jnp.repeat(jnp.arange(G), A),
-        mask.reshape(-1),
-        cand["senders"],
-        cand["receivers"],
-        cand["shifts"],
-        cand["mask"],
-        cand["edge_graph"],
-        *extra,
-        method=Autoencoder.velocity,
-    )
+    inputs = velocity_inputs(numbers, feats, x, cell, mask, cand, sc)
+    v = model.apply(params, z, t, inputs, method=Autoencoder.velocity)
     v = v.reshape(G, A, 3)
     if settings.flow_target == "endpoint":
         v = v / jnp.maximum(1.0 - t, settings.t_floor)[:, None, None]
@@ -366,25 +365,35 @@ def dense_velocity(
     return v, cand
 
 
-def _per_graph_uniform(key: Array, n_graph: int, shape: tuple[int, ...]) -> Array:
+def per_graph_uniform(key: Array, n_graph: int, shape: tuple[int, ...]) -> Array:
     """[n_graph, *shape] U(0, 1) draws, graph g from ``fold_in(key, g)``: a crystal's
     randomness does not depend on the batch size or padding around it."""
     keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(jnp.arange(n_graph))
     return jax.vmap(lambda k: jax.random.uniform(k, shape))(keys)
 
 
-def _per_graph_normal(key: Array, n_graph: int, shape: tuple[int, ...]) -> Array:
-    """As `_per_graph_uniform`, standard normal."""
+def per_graph_normal(key: Array, n_graph: int, shape: tuple[int, ...]) -> Array:
+    """As `per_graph_uniform`, standard normal."""
     keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(jnp.arange(n_graph))
     return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
 
 
-def _masked_mean(x: Array, mask: Array) -> Array:
-    m = mask.astype(x.dtype)
-    return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+def connectivity_logits(
+    model: Autoencoder,
+    params: Any,
+    z: Array,  # [G, D]
+    numbers: Array,  # [G, A] int
+    frac: Array,  # [G, A, 3]
+    cell: Array,  # [G, 3, 3]
+    mask: Array,  # [G, A] bool
+    settings: ModelSettings,
+) -> tuple[Array, CandidateEdges, Array, Array]:
+    """Bond logits of every candidate periodic edge within ``connect_cutoff``.
 
-
-def _connect_logits(model, params, z, numbers, frac, cell, mask, settings: ModelSettings):
+    Returns:
+      logits [M], the `CandidateEdges`, and the species of the receiver and the sender
+      of each edge [M].
+    """
     cand = periodic_candidates(
         frac,
         cell,
@@ -394,236 +403,33 @@ def _connect_logits(model, params, z, numbers, frac, cell, mask, settings: Model
         settings.connect_edges_per_crystal,
     )
     flat_numbers = numbers.reshape(-1)
-    ni, nj = flat_numbers[cand["receivers"]], flat_numbers[cand["senders"]]
+    ni, nj = flat_numbers[cand.receivers], flat_numbers[cand.senders]
     logits = model.apply(
-        params, z, ni, nj, cand["distances"], cand["edge_graph"], method=Autoencoder.connectivity
+        params, z, ni, nj, cand.distances, cand.edge_graph, method=Autoencoder.connectivity
     )
     return logits, cand, ni, nj
-
-
-# ------------------------------------------------------------------------------ loss
-def make_loss_fn(
-    model: Autoencoder,
-    settings: ModelSettings,
-    normalisers: dict[str, Any],
-    phys_fn: Callable[..., dict[str, Array]] | None = None,
-) -> Callable[[Any, Any, Array], tuple[Array, dict[str, Array]]]:
-    """Builds the training loss.
-
-    Args:
-      model: the `Autoencoder` (its ``max_atoms`` must equal ``settings.max_atoms``).
-      settings: `ModelSettings`.
-      normalisers: `compute_normalisers` of the training set.
-      phys_fn: ``phys_fn(cell [G, 3, 3], frac [G, A, 3], numbers [G, A], mask [G, A],
-        ref_frac [G, A, 3]) -> {"total": [G], part: [G], ...}``, the physics losses of
-        each decoded structure (``ref_frac``: the true coordinates, for references);
-        used when ``settings.beta_phys > 0``: ``loss += beta_phys * L_phys`` with L_phys
-        the mean of ``total`` over real graphs, logged as ``l_phys`` and ``l_phys_PART``.
-
-    Returns:
-      ``loss_fn(params, batch, key) -> (loss, metrics)``: pure, jit-able; ``batch`` is a
-      padded `jraph.GraphsTuple`, ``key`` a PRNG key (flow times, noise, posterior
-      samples). ``metrics`` holds every loss term and accuracies, averaged over real
-      graphs / atoms / edges.
-    """
-    if model.max_atoms != settings.max_atoms:
-        raise ValueError(f"model.max_atoms={model.max_atoms} != settings {settings.max_atoms}")
-    if settings.beta_phys > 0 and (phys_fn is None or settings.flow_prior != "learned"):
-        raise ValueError("beta_phys > 0 needs a phys_fn and flow_prior='learned'")
-    mean = jnp.asarray(normalisers["lattice_mean"], jnp.float32)
-    std = jnp.asarray(normalisers["lattice_std"], jnp.float32)
-    A = settings.max_atoms
-
-    def loss_fn(params, batch, key):
-        k_post, k_t, k_x0, k_sc = jax.random.split(key, 4)
-        gmask = batch.globals["mask"]  # [G]
-        gm = gmask.astype(jnp.float32)
-        n_graphs = jnp.maximum(jnp.sum(gm), 1.0)
-        enc = model.apply(params, batch, method=Autoencoder.encode)
-        metrics: dict[str, Array] = {}
-        reg = jnp.zeros(())
-        if model.posterior == "gaussian":
-            mu, logvar = enc["z_mean"], enc["z_logvar"]
-            eps = _per_graph_normal(k_post, mu.shape[0], mu.shape[1:])
-            z = mu + jnp.exp(0.5 * logvar) * eps
-            kl = 0.5 * jnp.sum(jnp.exp(logvar) + mu**2 - 1.0 - logvar, -1)  # [G]
-            metrics["kl"] = jnp.sum(kl * gm) / n_graphs
-            reg = settings.kl_weight * metrics["kl"]
-        else:
-            z = enc["z"]
-            metrics["z_sq"] = jnp.sum(jnp.sum(z**2, -1) * gm) / n_graphs
-            reg = settings.z_l2 * metrics["z_sq"]
-            if settings.z_noise > 0:
-                z = z + settings.z_noise * _per_graph_normal(k_post, z.shape[0], z.shape[1:])
-
-        # Lattice.
-        y_true = (cell_to_y(batch.globals["lattice"]) - mean) / std  # [G, 6]
-        y_pred = model.apply(params, z, method=Autoencoder.decode_lattice)
-        l_lattice = jnp.sum(jnp.mean((y_pred - y_true) ** 2, -1) * gm) / n_graphs
-        cell_pred = lattice_from_y(y_pred, {"lattice_mean": mean, "lattice_std": std})
-        len_true = batch.globals["lattice"][:, :3]
-        len_pred = jnp.linalg.norm(cell_pred, axis=-1)
-        metrics["lattice_mae_A"] = jnp.sum(jnp.mean(jnp.abs(len_pred - len_true), -1) * gm) / (
-            n_graphs
-        )
-
-        # Composition: count, then species of the sorted slots.
-        dense = dense_layout(batch, A)
-        n_atoms, amask = dense["n_atoms"], dense["mask"]
-        count_logits, species_logits = model.apply(
-            params, z, n_atoms, method=Autoencoder.decode_composition
-        )
-        count_target = jnp.clip(n_atoms - 1, 0, A - 1)
-        count_lp = jax.nn.log_softmax(count_logits)
-        l_count = -jnp.sum(jnp.take_along_axis(count_lp, count_target[:, None], 1)[:, 0] * gm)
-        l_count = l_count / n_graphs
-        sorted_numbers = jnp.sort(jnp.where(amask, dense["numbers"], 1000), axis=1)
-        slot_mask = (jnp.arange(A)[None, :] < n_atoms[:, None]) & gmask[:, None]
-        sorted_numbers = jnp.where(slot_mask, sorted_numbers, 0)
-        sp_lp = jax.nn.log_softmax(species_logits)
-        sp_nll = -jnp.take_along_axis(sp_lp, sorted_numbers[..., None], -1)[..., 0]
-        l_species = _masked_mean(sp_nll, slot_mask)
-        l_atom = l_count + l_species
-        metrics["count_acc"] = jnp.sum((jnp.argmax(count_logits, -1) == count_target) * gm) / (
-            n_graphs
-        )
-        metrics["species_acc"] = _masked_mean(
-            (jnp.argmax(species_logits, -1) == sorted_numbers).astype(jnp.float32), slot_mask
-        )
-
-        # Coordinates: flow matching on the torus.
-        G = gmask.shape[0]
-        u = _per_graph_uniform(k_t, G, ())
-        t = u**settings.time_power
-        if settings.flow_prior == "learned":
-            dense = sort_by_species(dense)
-            amask = dense["mask"]
-            guess = model.apply(
-                params, z, dense["numbers"], method=Autoencoder.guess_coordinates
-            )  # [G, A, 3]
-            x1g = couple(
-                jax.lax.stop_gradient(guess), dense["frac"], dense["numbers"], amask,
-                dense["cell"], settings,
-            )  # fmt: skip
-            err = wrap_centered(guess - x1g)
-            metrics["l_guess"] = _masked_mean(jnp.sum(err**2, -1), amask)
-            if settings.beta_phys > 0:
-                # The one-shot decoded structure, with gradients to the params.
-                phys = phys_fn(dense["cell"], guess, dense["numbers"], amask, dense["frac"])
-                for k, v in phys.items():
-                    name = "l_phys" if k == "total" else f"l_phys_{k}"
-                    metrics[name] = jnp.sum(v * gm) / n_graphs
-            noise = _wrapped_normal(k_x0, G, (A, 3), settings.prior_noise)
-            x0 = wrap_frac(jax.lax.stop_gradient(guess) + noise)
-        elif settings.flow_prior == "uniform":
-            x0 = _per_graph_uniform(k_x0, G, (A, 3))
-        else:
-            raise ValueError(f"flow_prior must be 'uniform' or 'learned': {settings.flow_prior}")
-        x1 = couple(x0, dense["frac"], dense["numbers"], amask, dense["cell"], settings)
-        xt, target = flow_path(x0, x1, t, amask)
-        vel = functools.partial(
-            dense_velocity,
-            model,
-            params,
-            z,
-            t,
-            dense["numbers"],
-            dense["features"],
-            xt,
-            dense["cell"],
-            amask,
-            settings,
-        )
-        self_cond = None
-        if model.self_condition:
-            # Half of the batches: a first pass without self-conditioning gives the
-            # (gradient-stopped) end-point estimate the second pass is conditioned on.
-            use = jax.random.bernoulli(k_sc)
-            floor = jnp.maximum(1.0 - t, settings.t_floor)[:, None, None]
-            self_cond = jax.lax.cond(
-                use,
-                lambda: jax.lax.stop_gradient(vel(None)[0] * floor),
-                lambda: jnp.zeros_like(xt),
-            )
-        v, cand = vel(self_cond)
-        l_coord = _masked_mean(jnp.sum((v - target) ** 2, -1), amask)
-        metrics["l_flow"] = l_coord
-        if settings.flow_prior == "learned":
-            l_coord = l_coord + settings.lambda_guess * metrics["l_guess"]
-        metrics["flow_overflow"] = cand["overflow"].astype(jnp.float32)
-        metrics["flow_edges"] = jnp.sum(cand["num_edges"] * gm) / n_graphs
-
-        # Connectivity of the true structure.
-        logits, cc, ni, nj = _connect_logits(
-            model, params, z, dense["numbers"], dense["frac"], dense["cell"], amask, settings
-        )
-        bonded = bond_targets(ni, nj, cc["distances"], settings.bond_tolerance)
-        y = bonded.astype(jnp.float32)
-        bce = jnp.maximum(logits, 0) - logits * y + jnp.log1p(jnp.exp(-jnp.abs(logits)))
-        l_connect = _masked_mean(bce, cc["mask"])
-        metrics["connect_acc"] = _masked_mean(
-            ((logits > 0) == bonded).astype(jnp.float32), cc["mask"]
-        )
-
-        loss = (
-            settings.lambda_lattice * l_lattice
-            + settings.lambda_atom * l_atom
-            + settings.lambda_coord * l_coord
-            + settings.lambda_connect * l_connect
-            + reg
-        )
-        if settings.beta_phys > 0:
-            loss = loss + settings.beta_phys * metrics["l_phys"]
-        metrics.update(
-            loss=loss,
-            l_lattice=l_lattice,
-            l_atom=l_atom,
-            l_count=l_count,
-            l_species=l_species,
-            l_coord=l_coord,
-            l_connect=l_connect,
-        )
-        return loss, metrics
-
-    return loss_fn
 
 
 def init_params(model: Autoencoder, batch, settings: ModelSettings, key: Array) -> Any:
     """Initial parameters of ``model`` from an example padded batch (any size)."""
     dense = dense_layout(batch, settings.max_atoms)
-    G, A = dense["mask"].shape
+    G, A = dense.mask.shape
     cand = periodic_candidates(
-        dense["frac"],
-        dense["cell"],
-        dense["mask"],
+        dense.frac,
+        dense.cell,
+        dense.mask,
         settings.flow_cutoff,
         settings.flow_max_shift,
         settings.flow_edges_per_crystal,
     )
-    velocity_args = (
-        dense["numbers"].reshape(-1),
-        dense["features"].reshape(-1, 3),
-        dense["frac"].reshape(-1, 3),
-        dense["cell"],
-        jnp.repeat(jnp.arange(G), A),
-        dense["mask"].reshape(-1),
-        cand["senders"],
-        cand["receivers"],
-        cand["shifts"],
-        cand["mask"],
-        cand["edge_graph"],
+    sc = jnp.zeros((G * A, 3)) if model.self_condition else None
+    inputs = velocity_inputs(
+        dense.numbers, dense.features, dense.frac, dense.cell, dense.mask, cand, sc
     )
-    if model.self_condition:
-        velocity_args = (*velocity_args, jnp.zeros((G * A, 3)))
-    flat = dense["numbers"].reshape(-1)
-    connect_args = (
-        flat[cand["receivers"]],
-        flat[cand["senders"]],
-        cand["distances"],
-        cand["edge_graph"],
-    )
+    flat = dense.numbers.reshape(-1)
+    connect_args = (flat[cand.receivers], flat[cand.senders], cand.distances, cand.edge_graph)
     t = jnp.zeros((G,))
-    return model.init(key, batch, t, velocity_args, connect_args)
+    return model.init(key, batch, t, inputs, connect_args)
 
 
 # ---------------------------------------------------------------------------- decode
@@ -683,7 +489,7 @@ def make_decode_fn(
     evaluations per crystal (NFE) is ``settings.num_steps``.
 
     Args:
-      model, settings, normalisers: as in `make_loss_fn`.
+      model, settings, normalisers: as in `autoperi_jax.loss.make_loss_fn`.
 
     Returns:
       A pure, jit-able function. Arguments: ``z`` [G, D]; ``key`` a PRNG key (per-crystal
@@ -717,9 +523,9 @@ def make_decode_fn(
         feats = feature_table[numbers]
         if settings.flow_prior == "learned":
             guess = model.apply(params, z, numbers, method=Autoencoder.guess_coordinates)
-            x = wrap_frac(guess + _wrapped_normal(key, G, (A, 3), settings.prior_noise))
+            x = wrap_frac(guess + settings.prior_noise * per_graph_normal(key, G, (A, 3)))
         else:
-            x = _per_graph_uniform(key, G, (A, 3))
+            x = per_graph_uniform(key, G, (A, 3))
         dt = 1.0 / settings.num_steps
 
         def step(carry, k):
@@ -734,8 +540,8 @@ def make_decode_fn(
 
         (x, _), _ = jax.lax.scan(step, (x, x), jnp.arange(settings.num_steps))
         x = jnp.where(mask[..., None], x, 0.0)
-        logits, cc, _, _ = _connect_logits(model, params, z, numbers, x, cell, mask, settings)
-        bond = (logits > 0) & cc["mask"]
+        logits, cc, _, _ = connectivity_logits(model, params, z, numbers, x, cell, mask, settings)
+        bond = (logits > 0) & cc.mask
         return {
             "cell": cell,
             "numbers": numbers,
@@ -743,12 +549,12 @@ def make_decode_fn(
             "mask": mask,
             "n_atoms": jnp.where(graph_mask, n_atoms, 0),
             "z": z,
-            "bond_graph": cc["edge_graph"],
-            "bond_senders": cc["senders"] % A,
-            "bond_receivers": cc["receivers"] % A,
-            "bond_shifts": cc["shifts"],
+            "bond_graph": cc.edge_graph,
+            "bond_senders": cc.senders % A,
+            "bond_receivers": cc.receivers % A,
+            "bond_shifts": cc.shifts,
             "bond_mask": bond,
-            "overflow": cc["overflow"],
+            "overflow": cc.overflow,
         }
 
     return decode
@@ -766,7 +572,7 @@ def make_reconstruct_fn(
     ``key``, bonds).
 
     Args:
-      model, settings, normalisers: as in `make_loss_fn`.
+      model, settings, normalisers: as in `autoperi_jax.loss.make_loss_fn`.
       teacher_lattice: use the true cell instead of the decoded one (diagnostics).
       teacher_composition: use the true count and species (diagnostics).
 
@@ -786,8 +592,8 @@ def make_reconstruct_fn(
             cell = lattice_params_to_cell(batch.globals["lattice"])
         if teacher_composition:
             dense = dense_layout(batch, A)
-            n_atoms = dense["n_atoms"]
-            numbers = jnp.sort(jnp.where(dense["mask"], dense["numbers"], 1000), axis=1)
+            n_atoms = dense.n_atoms
+            numbers = jnp.sort(jnp.where(dense.mask, dense.numbers, 1000), axis=1)
         return decode(params, z, key, gmask, cell=cell, n_atoms=n_atoms, numbers=numbers)
 
     return reconstruct

@@ -141,13 +141,18 @@ def couple(
     return x1
 
 
-def sort_by_species(dense: dict[str, Array]) -> dict[str, Array]:
-    """Dense crystals with the atoms of each crystal sorted by atomic number (empty
-    slots last), the slot order of the composition decoder."""
-    key = jnp.where(dense["mask"], dense["numbers"], 1000)
+def sort_by_species(dense: Any) -> Any:
+    """Dense crystals (`autoperi_jax.model.DenseCrystals`) with the atoms of each crystal
+    sorted by atomic number (empty slots last), the slot order of the composition decoder."""
+    key = jnp.where(dense.mask, dense.numbers, 1000)
     order = jnp.argsort(key, axis=1, stable=True)  # [G, A]
-    out = dict(dense)
-    for k in ("numbers", "frac", "features", "mask"):
-        idx = order.reshape(*order.shape, *([1] * (dense[k].ndim - 2)))
-        out[k] = jnp.take_along_axis(dense[k], idx, 1)
-    return out
+
+    def take(x):
+        return jnp.take_along_axis(x, order.reshape(*order.shape, *([1] * (x.ndim - 2))), 1)
+
+    return dense._replace(
+        numbers=take(dense.numbers),
+        frac=take(dense.frac),
+        features=take(dense.features),
+        mask=take(dense.mask),
+    )

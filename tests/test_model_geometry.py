@@ -58,27 +58,25 @@ def test_dense_layout_roundtrip():
     d = dense_layout(jax.tree.map(jnp.asarray, batch), 5)
     for g, gr in enumerate(graphs):
         n = len(gr.numbers)
-        assert int(d["n_atoms"][g]) == n
-        np.testing.assert_array_equal(d["numbers"][g, :n], gr.numbers)
-        np.testing.assert_allclose(d["frac"][g, :n], gr.frac_coords, atol=1e-6)
-        assert bool(jnp.all(d["mask"][g, :n])) and not bool(jnp.any(d["mask"][g, n:]))
-    assert int(d["n_atoms"][-1]) == 0 and not bool(jnp.any(d["mask"][-1]))
+        assert int(d.n_atoms[g]) == n
+        np.testing.assert_array_equal(d.numbers[g, :n], gr.numbers)
+        np.testing.assert_allclose(d.frac[g, :n], gr.frac_coords, atol=1e-6)
+        assert bool(jnp.all(d.mask[g, :n])) and not bool(jnp.any(d.mask[g, n:]))
+    assert int(d.n_atoms[-1]) == 0 and not bool(jnp.any(d.mask[-1]))
 
 
 def test_candidates_match_host_neighbour_list():
     rng = np.random.default_rng(3)
     batch, graphs = random_batch(rng, 3, 4.0, n_atoms=(2, 4))
     d = dense_layout(jax.tree.map(jnp.asarray, batch), 4)
-    c = jax.jit(lambda f, c, m: periodic_candidates(f, c, m, 4.0, 2, 300))(
-        d["frac"], d["cell"], d["mask"]
-    )
-    assert not bool(c["overflow"]) and bool(jnp.all(c["complete"][:3]))  # [3] = padding
-    m = np.asarray(c["mask"])
+    c = jax.jit(lambda f, c, m: periodic_candidates(f, c, m, 4.0, 2, 300))(d.frac, d.cell, d.mask)
+    assert not bool(c.overflow) and bool(jnp.all(c.complete[:3]))  # [3] = padding
+    m = np.asarray(c.mask)
     got = {
         (int(e), int(r) % 4, int(s) % 4, *map(int, k))
         for e, r, s, k in zip(
-            np.asarray(c["edge_graph"])[m], np.asarray(c["receivers"])[m],
-            np.asarray(c["senders"])[m], np.asarray(c["shifts"])[m],
+            np.asarray(c.edge_graph)[m], np.asarray(c.receivers)[m],
+            np.asarray(c.senders)[m], np.asarray(c.shifts)[m],
         )
     }  # fmt: skip
     want = set()
@@ -87,8 +85,8 @@ def test_candidates_match_host_neighbour_list():
         want |= {(g, int(i), int(j), *map(int, k)) for i, j, k in zip(recv, send, shifts)}
     assert got == want
     # a budget that is too small is flagged
-    small = periodic_candidates(d["frac"], d["cell"], d["mask"], 4.0, 2, 2)
-    assert bool(small["overflow"])
+    small = periodic_candidates(d.frac, d.cell, d.mask, 4.0, 2, 2)
+    assert bool(small.overflow)
 
 
 def test_flow_path_ends_at_a_translate_of_the_data():

@@ -7,14 +7,24 @@ import pytest
 
 from autoperi_jax.crystal import cell_to_lattice_params
 from autoperi_jax.graph import PaddingBudget, batch_graphs
+from autoperi_jax.loss import (
+    composition_loss,
+    connectivity_loss,
+    coordinate_loss,
+    latent_sample,
+    lattice_loss,
+    make_loss_fn,
+)
 from autoperi_jax.model import (
     compute_normalisers,
     decoded_to_crystals,
+    dense_layout,
     init_params,
-    make_loss_fn,
     make_reconstruct_fn,
 )
+from autoperi_jax.nn import Autoencoder
 from autoperi_jax.testing import random_graph, tiny_model, tiny_params
+from autoperi_jax.torus import sort_by_species
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +112,42 @@ def test_alternative_options_run():
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
     out = jax.jit(make_reconstruct_fn(model, settings, norm))(params, batch, jax.random.PRNGKey(2))
     assert len(decoded_to_crystals(out, batch.globals["mask"])) == 2
+
+
+def test_named_terms_called_alone_sum_to_the_loss(setup):
+    """Each named term is a usable function on its own, and `make_loss_fn` is their
+    weighted sum (with the deterministic posterior's z-regulariser)."""
+    model, settings, norm, graphs, batch, params, loss_fn, grad_fn = setup
+    key = jax.random.PRNGKey(6)
+    loss, metrics = jax.jit(loss_fn)(params, batch, key)
+
+    @jax.jit
+    def terms(params, batch):
+        k_post, k_t, k_x0, k_sc = jax.random.split(key, 4)
+        gmask = batch.globals["mask"]
+        gm = gmask.astype(jnp.float32)
+        enc = model.apply(params, batch, method=Autoencoder.encode)
+        z, reg, _ = latent_sample(model, enc, settings, k_post, gm)
+        n = {k: jnp.asarray(v) for k, v in norm.items()}
+        dense = dense_layout(batch, settings.max_atoms)
+        sorted_dense = sort_by_species(dense)
+        return (
+            lattice_loss(model, params, z, batch.globals["lattice"], gm, n)[0],
+            composition_loss(model, params, z, dense, gmask)[0],
+            coordinate_loss(model, params, z, sorted_dense, gm, settings, (k_t, k_x0, k_sc))[0],
+            connectivity_loss(model, params, z, sorted_dense, settings)[0],
+            reg,
+        )
+
+    parts = [float(x) for x in terms(params, batch)]
+    names = ("l_lattice", "l_atom", "l_coord", "l_connect")
+    for name, value in zip(names, parts):
+        np.testing.assert_allclose(value, float(metrics[name]), rtol=1e-6, err_msg=name)
+    weights = (
+        settings.lambda_lattice,
+        settings.lambda_atom,
+        settings.lambda_coord,
+        settings.lambda_connect,
+        1.0,
+    )
+    np.testing.assert_allclose(float(loss), sum(w * p for w, p in zip(weights, parts)), rtol=1e-6)

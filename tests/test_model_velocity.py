@@ -40,7 +40,8 @@ def setup():
             inp["cell"], inp["mask"], settings,
         )[0]  # fmt: skip
 
-    inp = {"z": z, "t": t, **{k: d[k] for k in ("numbers", "features", "frac", "cell", "mask")}}
+    fields = ("numbers", "features", "frac", "cell", "mask")
+    inp = {"z": z, "t": t, **{k: getattr(d, k) for k in fields}}
     return v_of, inp, [len(g.numbers) for g in graphs]
 
 

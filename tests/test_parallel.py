@@ -19,7 +19,8 @@ SCRIPT = textwrap.dedent(
     import json, sys
     import jax, jax.numpy as jnp, numpy as np, optax
     from autoperi_jax.graph import BatchIterator, make_buckets
-    from autoperi_jax.model import compute_normalisers, init_params, make_loss_fn
+    from autoperi_jax.loss import make_loss_fn
+    from autoperi_jax.model import compute_normalisers, init_params
     from train import parallel
     from train.configs.test import get_config
     from train.trainer import (

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from autoperi_jax.model import compute_normalisers, init_params, make_loss_fn
+from autoperi_jax.loss import make_loss_fn
+from autoperi_jax.model import compute_normalisers, init_params
 from autoperi_jax.testing import random_batch, tiny_model
 from train.cli import load_config
 from train.trainer import make_phys_fn

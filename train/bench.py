@@ -51,7 +51,8 @@ def _worker(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
 
     compiles = count_compiles()
 
-    from autoperi_jax.model import compute_normalisers, make_loss_fn
+    from autoperi_jax.loss import make_loss_fn
+    from autoperi_jax.model import compute_normalisers
     from autoperi_jax.reconstruct import ordered_batches as _ordered_batches
     from train import parallel
     from train.cli import apply_overrides, load_config

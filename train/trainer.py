@@ -2,7 +2,7 @@
 
 ``train_and_evaluate(config, workdir)`` (flax-examples style; ``autoperi train``): load the
 dataset, compute normalisers, build `autoperi_jax.nn.Autoencoder`, and train the loss
-``L_recon + beta_phys L_phys`` (`autoperi_jax.model.make_loss_fn`; `make_phys_fn` adapts
+``L_recon + beta_phys L_phys`` (`autoperi_jax.loss.make_loss_fn`; `make_phys_fn` adapts
 ``config.physics`` to `autoperi_jax.physics.make_objective_fn`) with the optimizer, train
 step and loop of `train.loop` (gradient clipping + AdamW or SGD, warm-up + cosine decay,
 optional EMA; non-finite steps skipped). Data parallel with `jax.jit` + `NamedSharding`
@@ -47,7 +47,8 @@ from autoperi_jax.checkpoint import (
 )
 from autoperi_jax.crystal import Crystal, random_rotation
 from autoperi_jax.graph import BatchIterator, CrystalGraph, make_buckets, rewrap
-from autoperi_jax.model import ModelSettings, compute_normalisers, init_params, make_loss_fn
+from autoperi_jax.loss import make_loss_fn
+from autoperi_jax.model import ModelSettings, compute_normalisers, init_params
 from autoperi_jax.nn import Autoencoder
 from autoperi_jax.physics.composition_host import smact_validity
 from autoperi_jax.protocol import CDVAE_MATCHER
@@ -126,7 +127,7 @@ def make_phys_fn(
         the cutoff for the smallest cell height; `physics.n_images_for_cutoff`).
 
     Returns:
-      ``phys_fn`` (`make_objective_fn`), the signature `autoperi_jax.model.make_loss_fn`
+      ``phys_fn`` (`make_objective_fn`), the signature `autoperi_jax.loss.make_loss_fn`
       expects.
     """
     pc = config.physics
@@ -324,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     newest readable checkpoint (a corrupt one is skipped with a warning). The loop is
     `train.loop.run_loop`, shared with the latent-flow stage.
 
-    Loss: ``L_recon + beta_phys L_phys`` (`autoperi_jax.model.make_loss_fn`, `make_phys_fn`);
+    Loss: ``L_recon + beta_phys L_phys`` (`autoperi_jax.loss.make_loss_fn`, `make_phys_fn`);
     the latent flow's ``alpha L_gen`` is a separate second stage on frozen z (logged as
     ``alpha_gen = 0``). Non-finite steps are skipped and counted; after
     ``max_nonfinite_steps`` in a row training stops with `FloatingPointError` (the last

@@ -7,6 +7,7 @@ from autoperi_jax.nn.decoder import (
     ConnectivityDecoder,
     LatticeDecoder,
     VelocityField,
+    VelocityInputs,
 )
 from autoperi_jax.nn.embeddings import (
     IMAGE_EMBEDDINGS,
@@ -32,6 +33,7 @@ __all__ = [
     "SpeciesEmbedding",
     "TimeEmbedding",
     "VelocityField",
+    "VelocityInputs",
     "bessel_basis",
     "edge_geometry",
     "lattice_invariants",

@@ -17,6 +17,7 @@ from autoperi_jax.nn.decoder import (
     CoordinateGuess,
     LatticeDecoder,
     VelocityField,
+    VelocityInputs,
 )
 from autoperi_jax.nn.encoder import Encoder
 from autoperi_jax.nn.message_passing import PeriodicGNN
@@ -144,9 +145,9 @@ class Autoencoder(nn.Module):
         (reads z_comp only)."""
         return self.composition_decoder(self.split_latent(z)["z_comp"], n_atoms)
 
-    def velocity(self, z: jnp.ndarray, t: jnp.ndarray, *args) -> jnp.ndarray:
+    def velocity(self, z: jnp.ndarray, t: jnp.ndarray, inputs: VelocityInputs) -> jnp.ndarray:
         """Flow velocity [N, 3] (`VelocityField`), conditioned on all of z."""
-        return self.velocity_field(z, t, *args)
+        return self.velocity_field(z, t, inputs)
 
     def guess_coordinates(self, z: jnp.ndarray, numbers: jnp.ndarray) -> jnp.ndarray:
         """First guess of fractional coordinates [G, A, 3] of species-sorted slots."""
@@ -157,13 +158,13 @@ class Autoencoder(nn.Module):
         z_struct = self.split_latent(z)["z_struct"]
         return self.connectivity_decoder(z_struct, numbers_i, numbers_j, distances, edge_graph)
 
-    def __call__(self, graph, t, velocity_args, connect_args):
+    def __call__(self, graph, t, velocity_inputs: VelocityInputs, connect_args):
         """Touches every part (used by ``init``)."""
         enc = self.encode(graph)
         z = enc["z"]
         y = self.decode_lattice(z)
         comp = self.decode_composition(z, jnp.zeros(z.shape[0], jnp.int32))
-        v = self.velocity(z, t, *velocity_args)
+        v = self.velocity(z, t, velocity_inputs)
         c = self.connectivity(z, *connect_args)
         guess = self.guess_coordinates(z, jnp.zeros((z.shape[0], self.max_atoms), jnp.int32))
         return enc, y, comp, v, c, guess

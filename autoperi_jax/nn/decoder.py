@@ -22,6 +22,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import e3nn_jax as e3nn
 import jax
 import jax.numpy as jnp
@@ -37,7 +39,41 @@ __all__ = [
     "CoordinateGuess",
     "LatticeDecoder",
     "VelocityField",
+    "VelocityInputs",
 ]
+
+
+class VelocityInputs(NamedTuple):
+    """What `VelocityField` reads besides (z, t): the current structure as flat nodes
+    (N = G * A slots) and its in-jit periodic edge list (`autoperi_jax.graph.periodic_candidates`).
+
+    Attributes:
+      numbers: [N] int atomic numbers (0 on padding slots).
+      atom_features: [N, 3] `autoperi_jax.elements.atom_features` of the species.
+      frac: [N, 3] current fractional coordinates x_t in [0, 1).
+      cell: [G, 3, 3] cells (rows = lattice vectors).
+      node_graph: [N] crystal of each slot.
+      node_mask: [N] bool, the real atoms.
+      senders, receivers: [E] flat node indices of the edges (j -> i).
+      shifts: [E, 3] int image vectors k_ij.
+      edge_mask: [E] bool, the real edges.
+      edge_graph: [E] crystal of each edge.
+      self_cond: [N, 3] Cartesian displacement to the previous end-point prediction
+        (self-conditioning; None for a model without it).
+    """
+
+    numbers: jnp.ndarray
+    atom_features: jnp.ndarray
+    frac: jnp.ndarray
+    cell: jnp.ndarray
+    node_graph: jnp.ndarray
+    node_mask: jnp.ndarray
+    senders: jnp.ndarray
+    receivers: jnp.ndarray
+    shifts: jnp.ndarray
+    edge_mask: jnp.ndarray
+    edge_graph: jnp.ndarray
+    self_cond: jnp.ndarray | None = None
 
 
 def _mlp(x: jnp.ndarray, hidden: int, out: int, name: str, layers: int = 2) -> jnp.ndarray:
@@ -135,46 +171,38 @@ class VelocityField(nn.Module):
         self,
         z: jnp.ndarray,  # [G, D]
         t: jnp.ndarray,  # [G]
-        numbers: jnp.ndarray,  # [N] int
-        atom_features: jnp.ndarray,  # [N, 3]
-        frac: jnp.ndarray,  # [N, 3] current coordinates x_t
-        cell: jnp.ndarray,  # [G, 3, 3]
-        node_graph: jnp.ndarray,  # [N]
-        node_mask: jnp.ndarray,  # [N] bool
-        senders: jnp.ndarray,  # [E]
-        receivers: jnp.ndarray,  # [E]
-        shifts: jnp.ndarray,  # [E, 3]
-        edge_mask: jnp.ndarray,  # [E] bool
-        edge_graph: jnp.ndarray,  # [E]
-        self_cond: jnp.ndarray | None = None,  # [N, 3] Cartesian
+        inputs: VelocityInputs,
     ) -> jnp.ndarray:
         """Returns the fractional velocity [N, 3]: mean-free over each graph's atoms and
-        0 on padding atoms. ``self_cond`` is the Cartesian displacement from each atom to
-        the end point predicted at the previous step (self-conditioning; zeros when there
-        is none), an equivariant (1o) input feature."""
+        0 on padding atoms. ``inputs.self_cond`` is the Cartesian displacement from each
+        atom to the end point predicted at the previous step (self-conditioning; zeros
+        when there is none), an equivariant (1o) input feature."""
         n_graph = z.shape[0]
+        node_graph, node_mask = inputs.node_graph, inputs.node_mask
         temb = TimeEmbedding(self.cond_features, name="time")(t)  # [G, C]
         zc = nn.silu(nn.Dense(self.cond_features, name="z_proj_0")(z))
         zc = nn.Dense(self.cond_features, name="z_proj_1")(zc)
         cond_g = nn.silu(zc + temb)  # [G, C]
-        x = SpeciesEmbedding(self.embed_features, name="species")(numbers, atom_features)
+        x = SpeciesEmbedding(self.embed_features, name="species")(
+            inputs.numbers, inputs.atom_features
+        )
         x = x + nn.Dense(self.embed_features, name="cond_in")(cond_g)[node_graph]
         node_vectors = None
-        if self_cond is not None:
-            length = jnp.sqrt(jnp.sum(self_cond**2, -1, keepdims=True) + 1e-12)
+        if inputs.self_cond is not None:
+            length = jnp.sqrt(jnp.sum(inputs.self_cond**2, -1, keepdims=True) + 1e-12)
             x = x + nn.Dense(self.embed_features, name="self_cond_in")(
                 jnp.concatenate([length, (length > 1e-5).astype(length.dtype)], -1)
             )
-            node_vectors = self_cond[:, None, :]
+            node_vectors = inputs.self_cond[:, None, :]
         h, _ = self.gnn(
             x,
-            frac,
-            cell,
-            senders,
-            receivers,
-            shifts,
-            edge_mask,
-            edge_graph,
+            inputs.frac,
+            inputs.cell,
+            inputs.senders,
+            inputs.receivers,
+            inputs.shifts,
+            inputs.edge_mask,
+            inputs.edge_graph,
             cond=cond_g[node_graph],
             node_vectors=node_vectors,
             node_graph=node_graph,
@@ -182,7 +210,7 @@ class VelocityField(nn.Module):
             num_graphs=n_graph,
         )
         v_cart = e3nn.flax.Linear("1x1o", name="out")(h).array  # [N, 3]
-        inv_cell = jnp.linalg.inv(cell)[node_graph]  # [N, 3, 3]
+        inv_cell = jnp.linalg.inv(inputs.cell)[node_graph]  # [N, 3, 3]
         v = jnp.einsum("nb,nba->na", v_cart, inv_cell)  # cart = frac @ cell
         m = node_mask[:, None].astype(v.dtype)
         count = jnp.maximum(jax.ops.segment_sum(m[:, 0], node_graph, n_graph), 1.0)

@@ -12,7 +12,7 @@ r"""The physics term of the training loss, ``L_phys``, on padded batches of deco
   with ``chem_reference``.
 
 `PhysicsObjective` holds the typed settings, `make_objective_fn` returns the pure,
-jittable, differentiable ``phys_fn`` that `autoperi_jax.model.make_loss_fn` takes (the
+jittable, differentiable ``phys_fn`` that `autoperi_jax.loss.make_loss_fn` takes (the
 trainer builds the settings from ``config.physics``); research code can differentiate it
 directly::
 
