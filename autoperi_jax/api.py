@@ -37,13 +37,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from autoperi_jax.checkpoint import load_pytree
+from autoperi_jax.convert import decoded_to_crystals, outputs_to_crystals, sample_name
 from autoperi_jax.crystal import Crystal
 from autoperi_jax.distinct import DistinctFilter
 from autoperi_jax.elements import composition_row, formula_label
 from autoperi_jax.flow import FlowConfig
 from autoperi_jax.graph import GraphSettings, PaddingBudget, batch_graphs, crystal_to_graph
 from autoperi_jax.matching import MapChunks, consensus_scores
-from autoperi_jax.model import ModelSettings, decoded_to_crystals, make_decode_fn, make_encode_fn
+from autoperi_jax.model import ModelSettings, make_decode_fn, make_encode_fn
 from autoperi_jax.nn.autoencoder import Autoencoder
 from autoperi_jax.protocol import CDVAE_MATCHER
 from autoperi_jax.sampling import (
@@ -108,45 +109,6 @@ def encode_graphs(
     if not out:
         raise ValueError("no graphs to encode")
     return np.concatenate(out)
-
-
-def sample_name(i: int, prefix: str = "sample") -> str:
-    """Name of the i-th crystal of a sampling run: ``{prefix}_{i:06d}``."""
-    return f"{prefix}_{i:06d}"
-
-
-def outputs_to_crystals(
-    out: Mapping[str, Any], start: int = 0, count: int | None = None, prefix: str = "sample"
-) -> list[Crystal]:
-    """Host conversion of `make_sample_fn` output to `Crystal` objects.
-
-    Predicted properties go to ``Crystal.properties`` (so extxyz files carry them in
-    ``atoms.info`` for ``autoperi eval --property``), with ``spacegroup_requested`` and
-    ``symmetrized`` (1 / 0) when a group was requested; crystal i is named
-    ``sample_name(start + i, prefix)``. Non-finite numbers (never expected) become a degenerate
-    but readable structure that every validity check rejects.
-
-    Args:
-      out: the sample function's output (jax or numpy arrays).
-      start: index of the first crystal (for names).
-      count: keep only the first ``count`` crystals (None = all).
-      prefix: name prefix.
-    """
-    d = jax.tree.map(np.asarray, dict(out))
-    n = d["cell"].shape[0] if count is None else count
-    d["frac"] = np.nan_to_num(d["frac"])
-    bad = ~np.isfinite(d["cell"]).all((1, 2)) | (np.linalg.det(d["cell"]) <= 1e-6)
-    d["cell"] = np.where(bad[:, None, None], np.eye(3), d["cell"])
-    names = [sample_name(start + i, prefix) for i in range(n)]
-    crystals = decoded_to_crystals(d, np.arange(d["cell"].shape[0]) < n, names)
-    props = d.get("properties", {})
-    for i, c in enumerate(crystals):
-        p = {k: float(v[i]) for k, v in props.items()}
-        if "spacegroup" in d and d["spacegroup"][i] > 0:
-            p["spacegroup_requested"] = int(d["spacegroup"][i])
-            p["symmetrized"] = int(d["symmetrized"][i])
-        c.properties.update(p)
-    return crystals
 
 
 @dataclasses.dataclass

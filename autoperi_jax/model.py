@@ -9,7 +9,8 @@ training step, the sharded trainer of a later issue and user code share it:
   samples z with the latent flow, `autoperi_jax.sampling`);
 * `make_reconstruct_fn(model, settings, normalisers)` -> ``reconstruct(params, batch,
   key)``: encode, then decode;
-* `decoded_to_crystals` turns the padded decoder output into `Crystal` objects.
+* `decoded_to_crystals` (re-exported from `autoperi_jax.convert`, the host side) turns the
+  padded decoder output into `Crystal` objects.
 
 The torus maths of the coordinate flow (`wrap_centered`, `flow_path`, `couple`,
 `align_translation`, `ot_pair`, `sort_by_species`) lives in `autoperi_jax.torus`, and the
@@ -34,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from autoperi_jax.crystal import Crystal, cell_to_lattice_params, lattice_params_to_cell, wrap_frac
+from autoperi_jax.convert import decoded_bonds, decoded_to_crystals
+from autoperi_jax.crystal import cell_to_lattice_params, lattice_params_to_cell, wrap_frac
 from autoperi_jax.elements import atom_features
 from autoperi_jax.graph import CandidateEdges, node_graph_index, periodic_candidates
 from autoperi_jax.nn.autoencoder import Autoencoder
@@ -597,58 +599,3 @@ def make_reconstruct_fn(
         return decode(params, z, key, gmask, cell=cell, n_atoms=n_atoms, numbers=numbers)
 
     return reconstruct
-
-
-def decoded_bonds(decoded: dict[str, Any], graph_mask: Any) -> list[dict[str, np.ndarray]]:
-    """Host split of the decoded bond list, one dict per real graph.
-
-    Returns:
-      per crystal: ``senders``, ``receivers`` [B] (atom indices of the decoded crystal,
-      the order of `decoded_to_crystals`) and ``shifts`` [B, 3] (k_ij) of every edge the
-      connectivity decoder classified as bonded.
-    """
-    d = jax.tree.map(np.asarray, decoded)
-    keep = d["bond_mask"]
-    out = []
-    for g in np.flatnonzero(np.asarray(graph_mask)):
-        sel = keep & (d["bond_graph"] == g)
-        out.append(
-            {
-                "senders": d["bond_senders"][sel],
-                "receivers": d["bond_receivers"][sel],
-                "shifts": d["bond_shifts"][sel],
-            }
-        )
-    return out
-
-
-def decoded_to_crystals(
-    decoded: dict[str, Any], graph_mask: Any, names: Sequence[str] | None = None
-) -> list[Crystal]:
-    """Host conversion of `make_reconstruct_fn` output to `Crystal` objects.
-
-    Args:
-      decoded: the decoder output (jax or numpy arrays).
-      graph_mask: [G] bool, False for padding graphs (skipped).
-      names: one name per real graph, in order.
-
-    Returns:
-      One `Crystal` per real graph, in batch order.
-    """
-    d = jax.tree.map(np.asarray, decoded)
-    out = []
-    real = np.flatnonzero(np.asarray(graph_mask))
-    for k, g in enumerate(real):
-        m = d["mask"][g]
-        if not m.any():  # a count head can't produce 0 atoms, but keep the file aligned
-            m = np.zeros_like(m)
-            m[0] = True
-        out.append(
-            Crystal(
-                cell=d["cell"][g].astype(np.float64),
-                frac_coords=d["frac"][g][m].astype(np.float64),
-                numbers=np.maximum(d["numbers"][g][m], 1).astype(np.int64),
-                name=names[k] if names is not None else "",
-            )
-        )
-    return out

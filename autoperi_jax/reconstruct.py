@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from autoperi_jax.api import load
 from autoperi_jax.checkpoint import load_checkpoint
+from autoperi_jax.convert import decoded_bonds, decoded_to_crystals
 from autoperi_jax.crystal import Crystal, write_structures
 from autoperi_jax.datasets import load_dataset
 from autoperi_jax.elements import COVALENT_RADIUS
@@ -38,12 +39,7 @@ from autoperi_jax.graph import (
     select_bucket,
 )
 from autoperi_jax.matching import match_rms, match_summary
-from autoperi_jax.model import (
-    ModelSettings,
-    decoded_bonds,
-    decoded_to_crystals,
-    make_reconstruct_fn,
-)
+from autoperi_jax.model import ModelSettings, make_reconstruct_fn
 from autoperi_jax.nn import Autoencoder
 from autoperi_jax.run_config import build_model, build_settings, load_split
 from autoperi_jax.sampling import SamplerSettings, decoding_settings
@@ -199,7 +195,7 @@ def reconstruct_dataset(
       seed: batch ``b`` decodes with ``fold_in(PRNGKey(seed), b)``.
       progress: tqdm bar.
       bonds: if a list is given, the decoded bonds of every crystal are appended to it
-        (`autoperi_jax.model.decoded_bonds`).
+        (`autoperi_jax.convert.decoded_bonds`).
       teacher: teacher-forcing flags of `autoperi_jax.model.make_reconstruct_fn`.
 
     Returns:

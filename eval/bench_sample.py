@@ -55,7 +55,7 @@ def bench_one(
     import jax
 
     from autoperi_jax import load
-    from autoperi_jax.api import outputs_to_crystals
+    from autoperi_jax.convert import outputs_to_crystals
     from autoperi_jax.crystal import write_structures
     from eval.metrics import crystal_validity
 

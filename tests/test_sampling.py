@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import spglib
 
-from autoperi_jax.api import outputs_to_crystals
+from autoperi_jax.convert import outputs_to_crystals
 from autoperi_jax.flow import FlowConfig, make_flow
 from autoperi_jax.physics import covalent_soft_sphere, min_distance_ratio
 from autoperi_jax.sampling import PropertyHead, SamplerSettings, make_sample_fn
