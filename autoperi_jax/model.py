@@ -116,8 +116,8 @@ class ModelSettings:
         and amplified by 1 / (1 - t). With ``num_steps`` Euler steps the last step lands
         exactly on the predicted end point.
       t_floor: lower bound of 1 - t in the endpoint division (<= 1 / num_steps).
-      ot_max_atoms: pair noise and data atoms of the same species optimally (`ot_pair`)
-        when ``max_atoms`` is at most this (exact search over max_atoms! pairings).
+      ot_max_atoms: pair noise and data atoms of the same species optimally (`ot_pair`,
+        an exact in-jit assignment, O(A^3) per crystal) when ``max_atoms`` is at most this.
       ot_translation: translate each data crystal to the noise (`align_translation`).
       ot_rounds: alternations of translation alignment and pairing (0 = independent
         coupling, plain flow matching).
@@ -155,7 +155,7 @@ class ModelSettings:
     time_power: float = 1.0
     flow_target: str = "endpoint"
     t_floor: float = 0.05
-    ot_max_atoms: int = 6
+    ot_max_atoms: int = 64
     ot_translation: bool = True
     ot_rounds: int = 2
     flow_prior: str = "learned"

@@ -1,9 +1,13 @@
 """Pure pieces of autoperi_jax.model: lattice parameterisation, dense layout, in-jit
 candidate edges, the torus flow path."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment as scipy_lsa
 
 from autoperi_jax.crystal import cell_to_lattice_params, lattice_params_to_cell
 from autoperi_jax.graph import neighbor_list
@@ -18,6 +22,7 @@ from autoperi_jax.model import (
     wrap_centered,
 )
 from autoperi_jax.testing import random_batch, random_crystal
+from autoperi_jax.torus import linear_sum_assignment, ot_pair
 
 UNIT = {"lattice_mean": [0.0] * 6, "lattice_std": [1.0] * 6}
 
@@ -114,10 +119,6 @@ def test_bond_criterion():
 
 
 def test_ot_pair_is_the_best_same_species_permutation():
-    import itertools
-
-    from autoperi_jax.model import ot_pair
-
     rng = np.random.default_rng(4)
     x0 = rng.uniform(size=(2, 4, 3))
     x1 = rng.uniform(size=(2, 4, 3))
@@ -134,6 +135,60 @@ def test_ot_pair_is_the_best_same_species_permutation():
             if cost < best_cost:
                 best, best_cost = list(p), cost
         np.testing.assert_allclose(out[g], x1[g, best], atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 20, 52])
+def test_linear_sum_assignment_equals_scipy(n):
+    """The in-jit Hungarian method reaches scipy's optimum (random and tied costs)."""
+    rng = np.random.default_rng(n)
+    cost = rng.uniform(0, 10, size=(6, n, n)).astype(np.float32)
+    cost[:3] = np.round(cost[:3])  # many ties
+    cols = np.asarray(jax.jit(jax.vmap(linear_sum_assignment))(jnp.asarray(cost)))
+    for g in range(len(cost)):
+        assert sorted(cols[g].tolist()) == list(range(n))  # a permutation
+        r, c = scipy_lsa(cost[g])
+        np.testing.assert_allclose(
+            cost[g][np.arange(n), cols[g]].sum(), cost[g][r, c].sum(), rtol=1e-6, atol=1e-4
+        )
+
+
+def _pairing_cost(x0, x1, cell):
+    d = x1 - x0
+    return np.sum(((d - np.round(d)) @ cell) ** 2)
+
+
+def test_ot_pair_at_20_atoms_is_optimal_and_keeps_species():
+    """A = 20 (MP-20 size): same species paired, total cost = scipy on the species-blocked
+    cost matrix, and = brute force over the 7! pairings of a 7-atom species block."""
+    rng = np.random.default_rng(5)
+    G, A = 3, 20
+    x0 = rng.uniform(size=(G, A, 3)).astype(np.float32)
+    x1 = rng.uniform(size=(G, A, 3)).astype(np.float32)
+    numbers = np.array([[8] * 7 + [22] * 6 + [56] * 7, [6] * 20, [3] * 10 + [9] * 8 + [0] * 2])
+    cell = np.stack([np.diag([6.0, 7.0, 9.0]), np.eye(3) * 5.0, [[5, 0, 0], [2, 6, 0], [1, 1, 8]]])
+    cell = cell.astype(np.float32)
+    out = np.asarray(jax.jit(ot_pair)(x0, x1, numbers, cell))
+    for g in range(G):
+        # every output row is a data atom of the noise atom's species
+        src = [int(np.argmin(np.abs(x1[g] - row).sum(-1))) for row in out[g]]
+        assert sorted(src) == list(range(A))
+        np.testing.assert_array_equal(numbers[g, src], numbers[g])
+        d = x1[g][None, :, :] - x0[g][:, None, :]
+        c = np.sum(np.einsum("ija,ab->ijb", d - np.round(d), cell[g]) ** 2, -1)
+        c = np.where(numbers[g][:, None] == numbers[g][None, :], c, 1e6)
+        r, col = scipy_lsa(c)
+        np.testing.assert_allclose(
+            _pairing_cost(x0[g], out[g], cell[g]), c[r, col].sum(), rtol=1e-5
+        )
+    # brute force over the oxygen block of crystal 0 (7! = 5040 pairings)
+    block = slice(0, 7)
+    brute = min(
+        _pairing_cost(x0[0, block], x1[0, block][list(p)], cell[0])
+        for p in itertools.permutations(range(7))
+    )
+    np.testing.assert_allclose(
+        _pairing_cost(x0[0, block], out[0, block], cell[0]), brute, rtol=1e-5
+    )
 
 
 def test_align_translation_finds_the_nearest_translate():
