@@ -16,7 +16,8 @@ Batched layout (`batch_graphs`), with G graphs, N nodes, E edges after padding:
   ``features`` [N, 3] float32 (`autoperi_jax.elements.atom_features`), ``mask`` [N] bool;
 * ``edges``: ``shifts`` [E, 3] int32, ``mask`` [E] bool;
 * ``globals``: ``cell`` [G, 3, 3], ``lattice`` [G, 6], ``properties`` [G, P] (NaN where
-  missing), ``mask`` [G] bool;
+  missing), ``mask`` [G] bool, and with a budget of ``atom_slots`` A ``slot_mask``
+  [G, A] bool (slot a of graph g holds an atom: the decoder's dense layout width);
 * ``senders``/``receivers`` [E] int32, ``n_node``/``n_edge`` [G] int32.
 
 Padding follows jraph: one padding graph owns every padding node and edge; padding edges
@@ -41,6 +42,7 @@ __all__ = [
     "CrystalGraph",
     "GraphSettings",
     "PaddingBudget",
+    "atom_classes",
     "batch_graphs",
     "crystal_to_graph",
     "dense_neighbor_list",
@@ -212,11 +214,18 @@ def crystal_to_graph(crystal, settings: GraphSettings, property_names: Sequence[
 # ------------------------------------------------------------------------------ padding
 @dataclasses.dataclass(frozen=True, order=True)
 class PaddingBudget:
-    """Static shape of a padded batch: totals including the padding entries."""
+    """Static shape of a padded batch: totals including the padding entries.
+
+    ``atom_slots`` > 0 also fixes the width A of the decoder's dense per-crystal layout
+    for this batch (``globals["slot_mask"]`` [G, A], `autoperi_jax.model.dense_layout`):
+    a bucket of small crystals then pays for A slots, not for the model's ``max_atoms``.
+    0 leaves it to the model.
+    """
 
     n_node: int
     n_edge: int
     n_graph: int
+    atom_slots: int = 0
 
     def fits(self, n_node: int, n_edge: int, n_graph: int) -> bool:
         # One node and one graph are always reserved for padding (jraph convention).
@@ -235,6 +244,7 @@ def make_buckets(
     seed: int = 0,
     num_epochs: int = 8,
     multiple: int = 8,
+    atom_slots: int = 0,
 ) -> list[PaddingBudget]:
     """Padding budgets taken from the data.
 
@@ -248,6 +258,7 @@ def make_buckets(
       num_buckets: number of budgets returned (at most; duplicates are merged).
       seed, num_epochs: the random batches used for the quantiles.
       multiple: budgets are rounded up to a multiple of this.
+      atom_slots: `PaddingBudget.atom_slots` of every budget.
 
     Returns:
       Sorted list of `PaddingBudget`, the last one fitting any batch: budgets at the 1/2,
@@ -280,6 +291,7 @@ def make_buckets(
                     _round_up(int(np.quantile(tn, q)) + 1, multiple),
                     _round_up(max(int(np.quantile(te, q)), 1), multiple),
                     batch_size + 1,
+                    atom_slots,
                 )
             )
     buckets.add(
@@ -287,9 +299,48 @@ def make_buckets(
             _round_up(worst_nodes + 1, multiple),
             _round_up(max(worst_edges, 1), multiple),
             batch_size + 1,
+            atom_slots,
         )
     )
     return sorted(buckets)
+
+
+def atom_classes(
+    n_atoms: np.ndarray, max_atoms: int, num_classes: int, min_size: int, multiple: int = 4
+) -> list[int]:
+    """Atom-slot counts of size classes for batching by atom count.
+
+    Upper bounds at the i / num_classes quantiles of the atom counts (rounded up to a
+    multiple of ``multiple``), the last one ``max_atoms``; a class with fewer than
+    ``min_size`` crystals merges into the next, so every class fills whole batches.
+
+    Args:
+      n_atoms: [n] atoms of every crystal of the dataset.
+      max_atoms: the model's atom budget (every crystal must fit it).
+      num_classes: classes wanted (at most; 1 = one class of ``max_atoms`` slots).
+      min_size: smallest class size (e.g. two global batches).
+      multiple: bounds are rounded up to a multiple of this.
+
+    Returns:
+      Sorted slot counts A_1 < ... < A_C = ``max_atoms``; crystal of n atoms goes to the
+      first class with A_c >= n.
+    """
+    n_atoms = np.asarray(n_atoms)
+    if n_atoms.size and int(n_atoms.max()) > max_atoms:
+        raise ValueError(f"a crystal has {int(n_atoms.max())} atoms > max_atoms={max_atoms}")
+    qs = [i / num_classes for i in range(1, num_classes)]
+    bounds = sorted(
+        {min(_round_up(int(np.ceil(np.quantile(n_atoms, q))), multiple), max_atoms) for q in qs}
+        | {max_atoms}
+    )
+    kept: list[int] = []
+    lower = 0
+    for b in bounds:
+        size = int(np.sum((n_atoms > lower) & (n_atoms <= b)))
+        if size >= min_size or b == max_atoms:
+            kept.append(b)
+            lower = b
+    return kept
 
 
 def select_bucket(
@@ -326,6 +377,11 @@ def batch_graphs(graphs: Sequence[CrystalGraph], budget: PaddingBudget | None = 
             f"{len(graphs)} graphs with {n_node.sum()} nodes / {n_edge.sum()} edges do not "
             f"fit the padding budget {budget}"
         )
+    if budget.atom_slots and len(graphs) and int(n_node.max()) > budget.atom_slots:
+        raise ValueError(
+            f"a graph with {int(n_node.max())} atoms does not fit the budget's "
+            f"{budget.atom_slots} atom slots"
+        )
     n_prop = len(graphs[0].properties) if graphs else 0
     N, E, G = budget.n_node, budget.n_edge, budget.n_graph
     n_real, e_real, g_real = int(n_node.sum()), int(n_edge.sum()), len(graphs)
@@ -352,6 +408,10 @@ def batch_graphs(graphs: Sequence[CrystalGraph], budget: PaddingBudget | None = 
     full_n_edge[:g_real] = n_edge
     full_n_node[g_real] = N - n_real
     full_n_edge[g_real] = E - e_real
+    extra = {}
+    if budget.atom_slots:
+        slots = np.arange(budget.atom_slots)[None, :]
+        extra["slot_mask"] = slots < np.where(np.arange(G) < g_real, full_n_node, 0)[:, None]
     return jraph.GraphsTuple(
         nodes={
             "numbers": numbers,
@@ -367,6 +427,7 @@ def batch_graphs(graphs: Sequence[CrystalGraph], budget: PaddingBudget | None = 
             "lattice": cell_to_lattice_params(cell.astype(np.float64)).astype(np.float32),
             "properties": props,
             "mask": np.arange(G) < g_real,
+            **extra,
         },
         n_node=full_n_node,
         n_edge=full_n_edge,
@@ -402,6 +463,13 @@ class BatchIterator:
       local_shards: shards per process; ``None`` gives a plain (unstacked) GraphsTuple.
       process_index, process_count: this process among all (multi-host).
       augment: optional ``f(graph, rng) -> graph`` applied to each graph.
+      atom_slots: batch by atom count (`atom_classes`): each global batch holds crystals
+        of one class (n <= A_c atoms, above the previous bound), padded to that class's own
+        buckets with ``atom_slots = A_c``, so 4-atom cells do not pay for 20-atom ones.
+        The epoch's batches are formed in permutation order within each class and then
+        shuffled; each class drops its own remainder. ``buckets`` is then ignored (one
+        set per class from `make_buckets`, ``num_buckets`` each).
+      num_buckets: node / edge budgets per class (with ``atom_slots``).
     """
 
     def __init__(
@@ -416,6 +484,8 @@ class BatchIterator:
         process_index: int = 0,
         process_count: int = 1,
         augment=None,
+        atom_slots: Sequence[int] | None = None,
+        num_buckets: int = 3,
     ) -> None:
         shards_total = process_count * (local_shards or 1)
         if batch_size % shards_total:
@@ -437,14 +507,40 @@ class BatchIterator:
         self.augment = augment
         self.n_node = np.array([len(g.numbers) for g in graphs])
         self.n_edge = np.array([len(g.senders) for g in graphs])
-        if buckets is None:
+        self.atom_slots = sorted(atom_slots) if atom_slots else None
+        self.classes: list[np.ndarray] = []  # graph indices of each atom class
+        self.class_buckets: list[list[PaddingBudget]] = []
+        if self.atom_slots:
+            if int(self.n_node.max()) > self.atom_slots[-1]:
+                raise ValueError(
+                    f"a graph has {int(self.n_node.max())} atoms, more than the largest atom "
+                    f"class ({self.atom_slots[-1]})"
+                )
+            of = np.searchsorted(self.atom_slots, self.n_node)  # class of each graph
+            for c, slots in enumerate(self.atom_slots):
+                members = np.flatnonzero(of == c)
+                self.classes.append(members)
+                sizes = (self.n_node[members], self.n_edge[members])
+                self.class_buckets.append(
+                    make_buckets(*sizes, self.shard_size, num_buckets, seed, atom_slots=slots)
+                    if len(members)
+                    else []
+                )
+            buckets = sorted({b for bs in self.class_buckets for b in bs})
+        elif buckets is None:
             buckets = make_buckets(self.n_node, self.n_edge, self.shard_size, seed=seed)
         self.buckets = list(buckets)
         self.epoch = 0
         self.step_in_epoch = 0
+        self._epoch_cache: tuple[int, list[np.ndarray]] | None = None
 
     @property
     def steps_per_epoch(self) -> int:
+        if self.atom_slots:
+            sizes = [len(m) for m in self.classes]
+            if self.drop_remainder:
+                return sum(n // self.batch_size for n in sizes)
+            return sum(-(-n // self.batch_size) for n in sizes)
         n = len(self.graphs)
         return n // self.batch_size if self.drop_remainder else -(-n // self.batch_size)
 
@@ -468,19 +564,45 @@ class BatchIterator:
         if self.step_in_epoch >= self.steps_per_epoch:
             self.epoch += 1
             self.step_in_epoch = 0
-        perm = self._permutation(self.epoch)
-        start = self.step_in_epoch * self.batch_size
-        idx = perm[start : start + self.batch_size]
+        if self.atom_slots:
+            idx = self._class_batches(self.epoch)[self.step_in_epoch]
+        else:
+            perm = self._permutation(self.epoch)
+            start = self.step_in_epoch * self.batch_size
+            idx = perm[start : start + self.batch_size]
         batch = self._build(idx, self.epoch, self.step_in_epoch)
         self.step_in_epoch += 1
         return batch
+
+    def _class_batches(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's global batches with atom classes: each class's graphs in the
+        epoch's permutation order, cut into batches, then all batches shuffled."""
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            rank = np.empty(len(self.graphs), np.int64)
+            rank[self._permutation(epoch)] = np.arange(len(self.graphs))
+            batches = []
+            for members in self.classes:
+                order = members[np.argsort(rank[members], kind="stable")]
+                for start in range(0, len(order), self.batch_size):
+                    chunk = order[start : start + self.batch_size]
+                    if len(chunk) == self.batch_size or not self.drop_remainder:
+                        batches.append(chunk)
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, epoch, 1])
+                batches = [batches[i] for i in rng.permutation(len(batches))]
+            self._epoch_cache = (epoch, batches)
+        return self._epoch_cache[1]
 
     def _build(self, idx: np.ndarray, epoch: int, step: int):
         n_shards = self.process_count * (self.local_shards or 1)
         shard_idx = [idx[s * self.shard_size : (s + 1) * self.shard_size] for s in range(n_shards)]
         tot_n = max(int(self.n_node[s].sum()) for s in shard_idx)
         tot_e = max(int(self.n_edge[s].sum()) for s in shard_idx)
-        budget = select_bucket(self.buckets, tot_n, tot_e, self.shard_size)
+        buckets = self.buckets
+        if self.atom_slots:
+            c = int(np.searchsorted(self.atom_slots, self.n_node[idx].max()))
+            buckets = self.class_buckets[c]
+        budget = select_bucket(buckets, tot_n, tot_e, self.shard_size)
         first = self.process_index * (self.local_shards or 1)
         mine = shard_idx[first : first + (self.local_shards or 1)]
         rng = np.random.default_rng([self.seed, epoch, step, self.process_index])

@@ -145,13 +145,16 @@ def composition_loss(
     gmask: Array,  # [G] bool
 ) -> tuple[Array, Metrics]:
     """``L_atom``: cross-entropy of the atom count plus the mean cross-entropy of the
-    species of every slot, atoms sorted by atomic number (``l_count`` + ``l_species``)."""
+    species of every slot, atoms sorted by atomic number (``l_count`` + ``l_species``).
+    The dense layout may be narrower than the decoder (an atom-count bucket): the species
+    of its A slots are scored, the count over all ``model.max_atoms`` classes."""
     A = dense.mask.shape[1]
     gm = gmask.astype(jnp.float32)
     count_logits, species_logits = model.apply(
         params, z, dense.n_atoms, method=Autoencoder.decode_composition
     )
-    count_target = jnp.clip(dense.n_atoms - 1, 0, A - 1)
+    species_logits = species_logits[:, :A]  # [G, A, 119]
+    count_target = jnp.clip(dense.n_atoms - 1, 0, count_logits.shape[-1] - 1)
     count_lp = jax.nn.log_softmax(count_logits)
     l_count = _graph_mean(-jnp.take_along_axis(count_lp, count_target[:, None], 1)[:, 0], gm)
     sorted_numbers = jnp.sort(jnp.where(dense.mask, dense.numbers, 1000), axis=1)
@@ -191,20 +194,22 @@ def coordinate_loss(
     """
     k_t, k_x0, k_sc = keys
     G, A = dense.mask.shape
+    A_max = settings.max_atoms  # noise is drawn for every slot, so a bucket changes nothing
     amask = dense.mask
     metrics: Metrics = {}
     t = per_graph_uniform(k_t, G, ()) ** settings.time_power
     guess = None
     if settings.flow_prior == "learned":
-        guess = model.apply(params, z, dense.numbers, method=Autoencoder.guess_coordinates)
+        numbers = jnp.pad(dense.numbers, ((0, 0), (0, A_max - A)))
+        guess = model.apply(params, z, numbers, method=Autoencoder.guess_coordinates)[:, :A]
         x1g = couple(
             jax.lax.stop_gradient(guess), dense.frac, dense.numbers, amask, dense.cell, settings
         )
         metrics["l_guess"] = _masked_mean(jnp.sum(wrap_centered(guess - x1g) ** 2, -1), amask)
-        noise = settings.prior_noise * per_graph_normal(k_x0, G, (A, 3))
+        noise = settings.prior_noise * per_graph_normal(k_x0, G, (A_max, 3))[:, :A]
         x0 = wrap_frac(jax.lax.stop_gradient(guess) + noise)
     elif settings.flow_prior == "uniform":
-        x0 = per_graph_uniform(k_x0, G, (A, 3))
+        x0 = per_graph_uniform(k_x0, G, (A_max, 3))[:, :A]
     else:
         raise ValueError(f"flow_prior must be 'uniform' or 'learned': {settings.flow_prior}")
     x1 = couple(x0, dense.frac, dense.numbers, amask, dense.cell, settings)

@@ -65,6 +65,7 @@ __all__ = [
     "decoded_to_crystals",
     "dense_layout",
     "dense_velocity",
+    "edge_budget",
     "flow_path",
     "init_params",
     "lattice_from_y",
@@ -257,12 +258,16 @@ class DenseCrystals(NamedTuple):
 def dense_layout(graph, max_atoms: int) -> DenseCrystals:
     """Per-crystal dense arrays [G, A] of a padded `jraph.GraphsTuple`.
 
-    Node ``n`` of graph ``g`` goes to slot ``n - offset[g]``; the padding graph's nodes and
-    slots past ``max_atoms`` are dropped (the host checks the atom budget).
+    A is ``max_atoms``, or the width of ``globals["slot_mask"]`` when the batch has one
+    (a bucket of small crystals, `autoperi_jax.graph.PaddingBudget.atom_slots`). Node
+    ``n`` of graph ``g`` goes to slot ``n - offset[g]``; the padding graph's nodes and
+    slots past A are dropped (the host checks the atom budget).
     """
     nodes = graph.nodes
     n_total = nodes["numbers"].shape[0]
-    G, A = graph.n_node.shape[0], max_atoms
+    slot_mask = graph.globals.get("slot_mask")
+    A = max_atoms if slot_mask is None else slot_mask.shape[1]
+    G = graph.n_node.shape[0]
     node_graph = node_graph_index(graph.n_node, n_total)  # [N]
     offsets = jnp.cumsum(graph.n_node) - graph.n_node  # [G]
     slot = jnp.arange(n_total) - offsets[node_graph]  # [N]
@@ -282,6 +287,15 @@ def dense_layout(graph, max_atoms: int) -> DenseCrystals:
         n_atoms=n_atoms.astype(jnp.int32),
         cell=graph.globals["cell"],
     )
+
+
+def edge_budget(per_crystal: int, atom_slots: int, max_atoms: int) -> int:
+    """Candidate-edge slots per crystal for a dense layout of ``atom_slots`` < ``max_atoms``
+    slots: ``per_crystal`` scaled by atom_slots / max_atoms (edges grow with the atoms at a
+    given density), rounded up to a multiple of 8; ``per_crystal`` itself at full width."""
+    if atom_slots >= max_atoms:
+        return per_crystal
+    return int(-(-per_crystal * atom_slots // (8 * max_atoms)) * 8)
 
 
 def bond_targets(numbers_i: Array, numbers_j: Array, distances: Array, tolerance: float) -> Array:
@@ -355,7 +369,7 @@ def dense_velocity(
         mask,
         settings.flow_cutoff,
         settings.flow_max_shift,
-        settings.flow_edges_per_crystal,
+        edge_budget(settings.flow_edges_per_crystal, A, settings.max_atoms),
     )
     inputs = velocity_inputs(numbers, feats, x, cell, mask, cand, sc)
     v = model.apply(params, z, t, inputs, method=Autoencoder.velocity)
@@ -402,7 +416,7 @@ def connectivity_logits(
         mask,
         settings.connect_cutoff,
         settings.connect_max_shift,
-        settings.connect_edges_per_crystal,
+        edge_budget(settings.connect_edges_per_crystal, mask.shape[1], settings.max_atoms),
     )
     flat_numbers = numbers.reshape(-1)
     ni, nj = flat_numbers[cand.receivers], flat_numbers[cand.senders]

@@ -78,7 +78,9 @@ def _worker(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
         return make_batch_iterator(config, ds.graphs, num_shards)
 
     def shape(b) -> tuple[int, ...]:
-        return tuple(b.nodes["mask"].shape) + tuple(b.edges["mask"].shape)
+        slots = b.globals.get("slot_mask")
+        width = () if slots is None else (slots.shape[-1],)
+        return tuple(b.nodes["mask"].shape) + tuple(b.edges["mask"].shape) + width
 
     # One epoch on the host: its distinct shapes are the train-step compilations per epoch.
     it = iterator()

@@ -46,7 +46,7 @@ from autoperi_jax.checkpoint import (
     step_dirs,
 )
 from autoperi_jax.crystal import Crystal, random_rotation
-from autoperi_jax.graph import BatchIterator, CrystalGraph, make_buckets, rewrap
+from autoperi_jax.graph import BatchIterator, CrystalGraph, atom_classes, make_buckets, rewrap
 from autoperi_jax.loss import make_loss_fn
 from autoperi_jax.model import ModelSettings, compute_normalisers, init_params
 from autoperi_jax.nn import Autoencoder
@@ -192,15 +192,22 @@ def make_batch_iterator(
 ) -> BatchIterator:
     """The training `BatchIterator` of this process: global ``config.batch_size`` split
     into ``num_shards`` equally padded shards (buckets of ``batch_size // num_shards``
-    graphs), of which this process builds ``num_shards // process_count`` (its own)."""
+    graphs), of which this process builds ``num_shards // process_count`` (its own).
+    ``config.data.atom_buckets`` > 1 batches by atom count (`atom_classes`: that many
+    classes at most, each with ``num_buckets`` padding budgets and its own dense width)."""
     rot = config.data.get("augment_rotate", False)
     shift = config.data.get("augment_shift", False)
     augment = (lambda g, rng: augment_graph(g, rng, rot, shift)) if (rot or shift) else None
     n_node = np.array([len(g.numbers) for g in graphs])
     n_edge = np.array([len(g.senders) for g in graphs])
-    buckets = make_buckets(
-        n_node, n_edge, config.batch_size // num_shards, config.data.num_buckets, config.seed
-    )
+    shard = config.batch_size // num_shards
+    slots = buckets = None
+    if config.data.get("atom_buckets", 1) > 1:
+        slots = atom_classes(
+            n_node, config.model.max_atoms, config.data.atom_buckets, 2 * config.batch_size
+        )
+    else:
+        buckets = make_buckets(n_node, n_edge, shard, config.data.num_buckets, config.seed)
     return BatchIterator(
         graphs,
         config.batch_size,
@@ -210,6 +217,8 @@ def make_batch_iterator(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         augment=augment,
+        atom_slots=slots,
+        num_buckets=config.data.num_buckets,
     )
 
 

@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.objective.flow_edges_per_crystal = 24 * 24
     c.objective.connect_edges_per_crystal = 24 * 24
+    c.data.atom_buckets = 3  # 6-24 atoms
     c.objective.ot_max_atoms = 24  # exact same-species pairing (Hungarian, in jit)
 
     c.batch_size = 64

@@ -19,6 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.cutoff = 6.0
     c.data.max_neighbors = 12
     c.data.num_buckets = 3
+    c.data.atom_buckets = 1  # > 1: batch by atom count (`autoperi_jax.graph.atom_classes`)
     c.data.augment_rotate = False
     c.data.augment_shift = False
     c.data.data_dir = None
