@@ -109,7 +109,8 @@ def test_reads_the_shipped_perov5_run():
 
 
 @pytest.mark.parametrize(
-    "name", ["perov_5", "perov_5_tune1", "perov_5_tune2", "carbon_24", "mp_20", "test"]
+    "name",
+    ["perov_5", "perov_5_tune1", "perov_5_tune2", "carbon_24", "mp_20", "mpts_52", "test"],
 )
 def test_configs_build(name):
     c = load_config(f"train/configs/{name}.py")
@@ -118,7 +119,7 @@ def test_configs_build(name):
     assert settings.beta_phys == c.objective.beta_phys == 0.0
     assert c.batch_size % max(c.num_shards, 1) == 0
     assert {"ema_decay", "max_nonfinite_steps", "keep_checkpoints", "optimizer"} <= set(c)
-    assert c.model.max_atoms == {"carbon_24": 24, "mp_20": 20}.get(name, 5)
+    assert c.model.max_atoms == {"carbon_24": 24, "mp_20": 20, "mpts_52": 52}.get(name, 5)
 
 
 def test_fine_tuning_configs_chain_onto_perov_5():
