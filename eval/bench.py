@@ -97,8 +97,12 @@ def batch_scaling(model_dir: Path, batch_sizes: list[int], repeats: int, nfe: in
 def atom_scaling(
     model_dir: Path, atoms: list[int], batch_size: int, repeats: int, nfe: int
 ) -> list:
-    """Decoder seconds per crystal against atom slots per cell (untrained weights of the
-    shipped architecture; every slot filled)."""
+    """Decoder and training seconds per crystal against atom slots per cell (untrained
+    weights of the shipped architecture; every slot filled; 12 A^3 per atom).
+
+    The decoder: one `make_decode_fn` call (``nfe`` Euler steps) on ``batch_size`` latents;
+    training: one jitted loss + gradient (`autoperi_jax.loss.make_loss_fn`) on a padded
+    batch of ``batch_size`` random crystals of that size. Both exclude compilation."""
     import dataclasses
 
     import jax
@@ -106,6 +110,7 @@ def atom_scaling(
 
     from autoperi_jax.api import load
     from autoperi_jax.graph import GraphSettings
+    from autoperi_jax.loss import make_loss_fn
     from autoperi_jax.model import init_params, make_decode_fn
     from autoperi_jax.testing import random_batch
 
@@ -137,7 +142,22 @@ def atom_scaling(
         numbers = jnp.asarray(rng.choice([8, 22, 38, 56], (batch_size, n)), jnp.int32)
         key = jax.random.PRNGKey(2)
         s = _time(lambda: decode(params, z, key, None, cell, n_atoms, numbers), repeats)  # noqa: B023
-        out.append({"atoms": n, "call_s": s, "ms_per_crystal": 1e3 * s / batch_size})
+        train_batch, _ = random_batch(
+            rng, batch_size, gs, n_atoms=n, length_range=(side, 1.2 * side), min_distance=0.8
+        )
+        train_batch = jax.tree.map(jnp.asarray, train_batch)
+        grad = jax.jit(
+            jax.value_and_grad(make_loss_fn(model, settings, ref.normalisers), has_aux=True)
+        )
+        t = _time(lambda: grad(params, train_batch, key), repeats)  # noqa: B023
+        out.append(
+            {
+                "atoms": n,
+                "call_s": s,
+                "ms_per_crystal": 1e3 * s / batch_size,
+                "train_ms_per_crystal": 1e3 * t / batch_size,
+            }
+        )
     return out
 
 
@@ -202,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
         result["batch_scaling"] = batch_scaling(model_dir, sizes, repeats, args.nfe)
     if "atom_scaling" in sections:
         print("bench: decoder time vs atoms per cell", flush=True)
-        atoms = [5, 10, 20] if quick else [5, 10, 15, 20]
+        atoms = [int(a) for a in args.atoms.split(",")]
         result["atom_scaling"] = atom_scaling(model_dir, atoms, 64, repeats, args.nfe)
     result["info"]["wall_s"] = time.perf_counter() - t0
     result["info"]["load_average_end"] = os.getloadavg()
@@ -262,11 +282,18 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['batch_size']} | {r['ms_per_crystal']:.2f} | {r['call_s']:.3f} |")
     if result.get("atom_scaling"):
         base = result["atom_scaling"][0]["ms_per_crystal"]
-        lines += ["", "Decoder time per crystal vs atoms per cell (untrained weights):", ""]
-        lines += ["| atoms | ms per crystal | relative |", "|---|---|---|"]
+        tbase = result["atom_scaling"][0].get("train_ms_per_crystal")
+        lines += ["", "Cost per crystal vs atoms per cell (untrained weights):", ""]
+        lines += [
+            "| atoms | decoder ms per crystal | relative | train ms per crystal | relative |",
+            "|---|---|---|---|---|",
+        ]
         for r in result["atom_scaling"]:
+            train = r.get("train_ms_per_crystal")
+            cells = "| - | - |" if train is None else f"| {train:.2f} | {train / tbase:.2f}x |"
             lines.append(
-                f"| {r['atoms']} | {r['ms_per_crystal']:.2f} | {r['ms_per_crystal'] / base:.2f}x |"
+                f"| {r['atoms']} | {r['ms_per_crystal']:.2f} | {r['ms_per_crystal'] / base:.2f}x "
+                + cells
             )
     return "\n".join(lines) + "\n"
 
@@ -287,6 +314,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset")
     p.add_argument("--nfe", type=int, default=5, help="decoder Euler steps per sample")
     p.add_argument("--quick", action="store_true", help="fewer repeats and settings")
+    p.add_argument(
+        "--atoms", default="5,10,20,52", help="atoms per cell of atom_scaling (comma-separated)"
+    )
     # compilations are part of what it measures: no persistent compilation cache
     p.set_defaults(func=run, xla_cache=False)
     return p

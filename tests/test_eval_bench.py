@@ -15,6 +15,7 @@ def test_atom_scaling_probe_runs_on_the_shipped_architecture():
     assert [r["atoms"] for r in out] == [5, 8]
     assert all(r["call_s"] > 0 and r["ms_per_crystal"] == pytest.approx(250 * r["call_s"])
                for r in out)  # fmt: skip
+    assert all(r["train_ms_per_crystal"] > 0 for r in out)
 
 
 def test_markdown_report_has_every_section():
