@@ -6,11 +6,17 @@ permutes it; translating all atoms or moving one atom to another periodic image 
 unchanged; extra padding changes nothing.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
 
+from autoperi_jax.crystal import Crystal
+from autoperi_jax.datasets import resolve_dataset
+from autoperi_jax.elements import atom_features
 from autoperi_jax.graph import PaddingBudget, batch_graphs
 from autoperi_jax.model import dense_layout, dense_velocity
 from autoperi_jax.testing import (
@@ -101,3 +107,57 @@ def test_extra_padding(setup):
     padded = {k: pad(v) for k, v in inp.items() if k != "cell"}
     padded["cell"] = jnp.concatenate([inp["cell"], jnp.broadcast_to(jnp.eye(3), (2, 3, 3))])
     np.testing.assert_allclose(v_of(padded)[:4], v_of(inp), atol=1e-6)
+
+
+def test_rotation_permutation_translation_at_20_atoms():
+    """The velocity field on real MP-20 test crystals of 16-20 atoms (20 slots): rotating
+    the cell rotates the Cartesian velocity, permuting atoms permutes it, translating all
+    atoms leaves it unchanged."""
+    frame = pd.read_csv(resolve_dataset("mp_20:test"), nrows=80)
+    crystals = sorted((Crystal.from_cif(c) for c in frame["cif"]), key=lambda c: -c.num_atoms)
+    crystals = crystals[:3]
+    A = 20
+    model, settings = tiny_model(max_atoms=A)
+    settings = dataclasses.replace(settings, flow_edges_per_crystal=1200)
+    params = tiny_params(model, settings)
+    G = len(crystals)
+    numbers = np.zeros((G, A), np.int32)
+    frac = np.zeros((G, A, 3), np.float32)
+    for g, c in enumerate(crystals):
+        numbers[g, : c.num_atoms], frac[g, : c.num_atoms] = c.numbers, c.frac_coords
+    inp = {
+        "numbers": jnp.asarray(numbers),
+        "features": jnp.asarray(atom_features(numbers), jnp.float32),
+        "frac": jnp.asarray(frac),
+        "cell": jnp.asarray(np.stack([c.cell for c in crystals]), jnp.float32),
+        "mask": jnp.asarray(numbers > 0),
+    }
+    z = jax.random.normal(jax.random.PRNGKey(1), (G, 12))
+    t = jnp.array([0.2, 0.5, 0.8])
+
+    @jax.jit
+    def v_of(x):
+        v, cand = dense_velocity(
+            model, params, z, t, x["numbers"], x["features"], x["frac"], x["cell"], x["mask"],
+            settings,
+        )  # fmt: skip
+        return v, cand.overflow
+
+    v, overflow = v_of(inp)
+    assert not bool(overflow) and float(jnp.abs(v).max()) > 1e-4
+    R = random_rotation(np.random.default_rng(3))
+    rot = dict(inp, cell=inp["cell"] @ R.T)
+    np.testing.assert_allclose(
+        jnp.einsum("gai,gij->gaj", v_of(rot)[0], rot["cell"]),
+        jnp.einsum("gai,gij->gaj", v, inp["cell"]) @ R.T,
+        atol=2e-5,
+    )
+    rng = np.random.default_rng(4)
+    perm = np.tile(np.arange(A), (G, 1))
+    for g, c in enumerate(crystals):
+        perm[g, : c.num_atoms] = rng.permutation(c.num_atoms)
+    take = lambda x: jnp.take_along_axis(x, perm.reshape(G, A, *([1] * (x.ndim - 2))), 1)  # noqa: E731
+    permuted = dict(inp, **{k: take(inp[k]) for k in ("numbers", "features", "frac", "mask")})
+    np.testing.assert_allclose(v_of(permuted)[0], take(v), atol=2e-5)
+    moved = dict(inp, frac=jnp.mod(inp["frac"] + rng.uniform(size=(G, 1, 3)), 1.0))
+    np.testing.assert_allclose(v_of(moved)[0], v, atol=2e-5)

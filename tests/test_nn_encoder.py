@@ -9,9 +9,12 @@ which image each atom was wrapped into); its test asserts that z DOES change the
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
 
-from autoperi_jax.graph import PaddingBudget, batch_graphs
+from autoperi_jax.crystal import Crystal
+from autoperi_jax.datasets import resolve_dataset
+from autoperi_jax.graph import GraphSettings, PaddingBudget, batch_graphs, crystal_to_graph
 from autoperi_jax.nn import IMAGE_EMBEDDINGS, Autoencoder
 from autoperi_jax.testing import (
     assert_symmetry,
@@ -33,13 +36,13 @@ def graphs():
     return [random_graph(rng, 5.0, n_atoms=(3, 5)) for _ in range(3)]
 
 
-def _encoder(kind, graphs, posterior="deterministic"):
+def _encoder(kind, graphs, posterior="deterministic", init_budget=BUDGET):
     model = Autoencoder(
         max_atoms=5, image_embedding=kind, enc_layers=2, enc_irreps="8x0e+4x1o", sh_lmax=1,
         enc_cutoff=5.0, mlp_hidden=16, embed_features=8, head_hidden=16, edge_channels=4,
         latent_lattice=3, latent_comp=4, latent_struct=5, posterior=posterior,
     )  # fmt: skip
-    batch = jax.tree.map(jnp.asarray, batch_graphs(graphs, BUDGET))
+    batch = jax.tree.map(jnp.asarray, batch_graphs(graphs, init_budget))
     params = jax.jit(lambda k, b: model.init(k, b, method=Autoencoder.encode))(
         jax.random.PRNGKey(0), batch
     )
@@ -102,3 +105,22 @@ def test_gaussian_posterior_outputs(graphs):
     np.testing.assert_allclose(out["z"], out["z_mean"])
     rot = _variants(graphs)["rotation"]
     assert_symmetry(lambda x: x, out, z_of(rot), atol=2e-4, rtol=2e-4, msg="rotation")
+
+
+def test_latent_is_invariant_on_20_atom_mp20_crystals():
+    """The same symmetries on real MP-20 test crystals of 16-20 atoms (many species,
+    cells of every shape), with budgets sized to them; plus extra padding."""
+    frame = pd.read_csv(resolve_dataset("mp_20:test"), nrows=80)
+    crystals = [Crystal.from_cif(cif) for cif in frame["cif"]]
+    big = sorted(crystals, key=lambda c: -c.num_atoms)[:3]
+    assert min(c.num_atoms for c in big) >= 16
+    graphs = [crystal_to_graph(c, GraphSettings(cutoff=5.0)) for c in big]
+    n = sum(len(g.numbers) for g in graphs) + 8
+    e = max(len(g.senders) for g in graphs) * 3 + 64
+    budget = PaddingBudget(n, e, 4)
+    z_of = _encoder("self_image", graphs, init_budget=budget)
+    ref = z_of(graphs, budget)
+    for name, gs in _variants(graphs).items():
+        assert_symmetry(lambda x: x, ref, z_of(gs, budget), atol=5e-4, rtol=5e-4, msg=name)
+    padded = PaddingBudget(n + 40, e + 500, 7)
+    assert_symmetry(lambda x: x, ref, z_of(graphs, padded), atol=5e-4, rtol=5e-4, msg="pad")
