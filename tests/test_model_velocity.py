@@ -117,7 +117,7 @@ def test_rotation_permutation_translation_at_20_atoms():
     crystals = sorted((Crystal.from_cif(c) for c in frame["cif"]), key=lambda c: -c.num_atoms)
     crystals = crystals[:3]
     A = 20
-    model, settings = tiny_model(max_atoms=A)
+    model, settings = tiny_model(max_atoms=A, dec_layers=1)
     settings = dataclasses.replace(settings, flow_edges_per_crystal=1200)
     params = tiny_params(model, settings)
     G = len(crystals)
