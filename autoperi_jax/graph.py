@@ -789,9 +789,10 @@ def periodic_candidates(
     k = shifts.astype(frac.dtype)
     # Screen with the metric tensor M = cell cell^T: |(df + k) @ cell|^2 =
     # df M df + 2 (df M) . k + k M k, a [G, A*A, 3] x [3, S] product instead of a
-    # [G, A, A, S, 3] tensor of vectors (16x faster at A = 20 on CPU). Its rounding
-    # differs from the direct form, so it selects with a margin and the direct form
-    # decides on the selected edges (the same edges and distances, bit for bit).
+    # [G, A, A, S, 3] tensor of vectors (the screen is 16x faster at A = 20 on CPU). Its
+    # rounding differs from the direct form, so it selects with a margin and the direct
+    # form decides on the selected edges: the same edges as the direct form over all
+    # pairs; distances agree to ~1e-6 A (another reduction order, not bit for bit).
     metric = jnp.einsum("gab,gcb->gac", cell, cell)  # [G, 3, 3]
     df = frac[:, None, :, :] - frac[:, :, None, :]  # [G, A(i), A(j), 3]: f_j - f_i
     dfm = jnp.einsum("gija,gab->gijb", df, metric)  # [G, A, A, 3]

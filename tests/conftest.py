@@ -54,6 +54,35 @@ def perov_test():
     return load_dataset("perov_5:test", progress=False)
 
 
+def _dataset_head(spec: str, rows: int) -> list:
+    """The first ``rows`` structures of a benchmark split (read by path) as `Crystal`s."""
+    import pandas as pd
+
+    from autoperi_jax.crystal import Crystal
+    from autoperi_jax.datasets import resolve_dataset
+
+    frame = pd.read_csv(resolve_dataset(spec), nrows=rows)
+    return [Crystal.from_cif(cif) for cif in frame["cif"]]
+
+
+@pytest.fixture(scope="session")
+def mp20_test_head() -> list:
+    """The first 80 MP-20 test crystals (1-20 atoms, many species)."""
+    return _dataset_head("mp_20:test", 80)
+
+
+@pytest.fixture(scope="session")
+def mp20_largest(mp20_test_head) -> list:
+    """The three largest of `mp20_test_head` (16-20 atoms)."""
+    return sorted(mp20_test_head, key=lambda c: -c.num_atoms)[:3]
+
+
+@pytest.fixture(scope="session")
+def carbon24_test_head() -> list:
+    """The first 300 Carbon-24 test crystals (cells down to 1.8 A plane spacing)."""
+    return _dataset_head("carbon_24:test", 300)
+
+
 @pytest.fixture(scope="session")
 def tiny_perov_data(tmp_path_factory) -> str:
     """A data dir (for ``config.data.data_dir``) holding the first ``limit_SPLIT`` rows of

@@ -6,18 +6,11 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-import pandas as pd
 import pytest
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 
 from autoperi_jax.crystal import Crystal
-from autoperi_jax.datasets import resolve_dataset
 from autoperi_jax.graph import periodic_candidates
-
-
-def _crystals(spec: str, rows: int) -> list[Crystal]:
-    frame = pd.read_csv(resolve_dataset(spec), nrows=rows)
-    return [Crystal.from_cif(cif) for cif in frame["cif"]]
 
 
 def _plane_spacing(cell: np.ndarray) -> float:
@@ -25,12 +18,10 @@ def _plane_spacing(cell: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def general_crystals() -> list[Crystal]:
-    mp = _crystals("mp_20:test", 12)
-    carbon = _crystals("carbon_24:test", 300)
+def general_crystals(mp20_test_head, carbon24_test_head) -> list[Crystal]:
     # the six Carbon-24 cells with the smallest plane spacing (1.78-1.94 A)
-    carbon = sorted(carbon, key=lambda c: _plane_spacing(c.cell))[:6]
-    return mp + carbon
+    carbon = sorted(carbon24_test_head, key=lambda c: _plane_spacing(c.cell))[:6]
+    return mp20_test_head[:12] + carbon
 
 
 @pytest.mark.parametrize("cutoff", [4.0, 5.0])

@@ -11,11 +11,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pandas as pd
 import pytest
 
-from autoperi_jax.crystal import Crystal
-from autoperi_jax.datasets import resolve_dataset
 from autoperi_jax.elements import atom_features
 from autoperi_jax.graph import PaddingBudget, batch_graphs
 from autoperi_jax.model import dense_layout, dense_velocity
@@ -109,13 +106,11 @@ def test_extra_padding(setup):
     np.testing.assert_allclose(v_of(padded)[:4], v_of(inp), atol=1e-6)
 
 
-def test_rotation_permutation_translation_at_20_atoms():
+def test_rotation_permutation_translation_at_20_atoms(mp20_largest):
     """The velocity field on real MP-20 test crystals of 16-20 atoms (20 slots): rotating
     the cell rotates the Cartesian velocity, permuting atoms permutes it, translating all
     atoms leaves it unchanged."""
-    frame = pd.read_csv(resolve_dataset("mp_20:test"), nrows=80)
-    crystals = sorted((Crystal.from_cif(c) for c in frame["cif"]), key=lambda c: -c.num_atoms)
-    crystals = crystals[:3]
+    crystals = mp20_largest
     A = 20
     model, settings = tiny_model(max_atoms=A, dec_layers=1)
     settings = dataclasses.replace(settings, flow_edges_per_crystal=1200)

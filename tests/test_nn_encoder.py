@@ -9,11 +9,8 @@ which image each atom was wrapped into); its test asserts that z DOES change the
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pandas as pd
 import pytest
 
-from autoperi_jax.crystal import Crystal
-from autoperi_jax.datasets import resolve_dataset
 from autoperi_jax.graph import GraphSettings, PaddingBudget, batch_graphs, crystal_to_graph
 from autoperi_jax.nn import IMAGE_EMBEDDINGS, Autoencoder
 from autoperi_jax.testing import (
@@ -107,14 +104,11 @@ def test_gaussian_posterior_outputs(graphs):
     assert_symmetry(lambda x: x, out, z_of(rot), atol=2e-4, rtol=2e-4, msg="rotation")
 
 
-def test_latent_is_invariant_on_20_atom_mp20_crystals():
+def test_latent_is_invariant_on_20_atom_mp20_crystals(mp20_largest):
     """The same symmetries on real MP-20 test crystals of 16-20 atoms (many species,
     cells of every shape), with budgets sized to them; plus extra padding."""
-    frame = pd.read_csv(resolve_dataset("mp_20:test"), nrows=80)
-    crystals = [Crystal.from_cif(cif) for cif in frame["cif"]]
-    big = sorted(crystals, key=lambda c: -c.num_atoms)[:3]
-    assert min(c.num_atoms for c in big) >= 16
-    graphs = [crystal_to_graph(c, GraphSettings(cutoff=5.0)) for c in big]
+    assert min(c.num_atoms for c in mp20_largest) >= 16
+    graphs = [crystal_to_graph(c, GraphSettings(cutoff=5.0)) for c in mp20_largest]
     n = sum(len(g.numbers) for g in graphs) + 8
     e = max(len(g.senders) for g in graphs) * 3 + 64
     budget = PaddingBudget(n, e, 4)
