@@ -297,3 +297,67 @@ def test_composition_flow_trains_beside_the_bundle_and_predicts(run, flow_setup)
     assert [p.name for p in preds] == ["BaTiO3#0", "BaTiO3#1", "BaTiO3#2"]
     for p in preds:
         assert sorted(p.numbers.tolist()) == [8, 8, 8, 22, 56]
+
+
+def test_sample_check_counts_valid_unique_novel():
+    """`sample_quality` against cases whose answer is known: no training crystals (every
+    valid sample is novel), the samples themselves as the training set (none is), and
+    every sample drawn twice (half are the first of their structure). The shipped model,
+    whose raw samples are mostly valid (the tiny run's are not)."""
+    from autoperi_jax import load_pretrained
+    from autoperi_jax.api import pretrained_path
+    from autoperi_jax.convert import outputs_to_crystals
+    from autoperi_jax.distinct import reduced_formula
+    from train.flow_stage import checkpoint_from_bundle, make_sample_check, sample_quality
+
+    shipped = load_pretrained("perov_5")
+    ckpt = checkpoint_from_bundle(pretrained_path("perov_5"))
+    fc = load_config("flow_perov_5")
+    fc.sample_check = 12
+    check = make_sample_check(ckpt, shipped.params["stats"], shipped.flow_config, fc, [])
+    flow = shipped.params["flow"]
+    q = sample_quality(check, flow)
+    assert q["sample_valid"] > 0  # else the cases below assert nothing
+    assert q["sample_valid"] <= min(q["sample_struct_valid"], q["sample_comp_valid"])
+    assert q["sample_novel"] == 1.0
+    assert q["sample_vun"] == pytest.approx(q["sample_valid"] * q["sample_unique"])
+
+    out = jax.device_get(
+        check.sample({**check.fixed, "flow": flow}, jax.random.PRNGKey(check.seed))
+    )
+    crystals = outputs_to_crystals(out)
+    seen = check._replace(train=crystals, train_formulas=[reduced_formula(c) for c in crystals])
+    q_seen = sample_quality(seen, flow)
+    assert q_seen["sample_novel"] == 0.0 and q_seen["sample_vun"] == 0.0
+    assert q_seen["sample_valid"] == q["sample_valid"]
+
+    twice = check._replace(
+        sample=lambda p, k: jax.tree.map(lambda x: np.concatenate([x, x]), check.sample(p, k))
+    )
+    q_twice = sample_quality(twice, flow)
+    assert q_twice["sample_valid"] == q["sample_valid"]
+    assert q_twice["sample_unique"] == pytest.approx(q["sample_unique"] / 2)
+
+
+def test_flow_stage_keeps_the_step_with_the_best_sample_share(flow_setup, tmp_path, monkeypatch):
+    """``select_on = sample_*`` keeps the validation step with the highest share, not the
+    lowest NLL (scripted shares: the tiny untrained autoencoder's samples are all invalid,
+    so real ones would tie at 0)."""
+    import train.flow_stage as fs
+
+    shares = iter([0.1, 0.5, 0.9, 0.3])  # steps 0, 20, 40, 60
+    monkeypatch.setattr(fs, "sample_quality", lambda check, params: {"sample_vun": next(shares)})
+    ckpt, flow_config = flow_setup
+    fc = flow_config()
+    fc.num_steps, fc.val_every, fc.predictor.num_steps = 60, 20, 20
+    fc.sample_check, fc.select_on = 8, "sample_vun"
+    summary = fs.train_flow(tmp_path, fc, checkpoint=ckpt)
+    val = [json.loads(r) for r in open(tmp_path / "flow" / "metrics.jsonl")]
+    assert [(r["step"], r["sample_vun"]) for r in val if r["split"] == "val"] == [
+        (0, 0.1), (20, 0.5), (40, 0.9), (60, 0.3)
+    ]  # fmt: skip
+    assert summary["best_step"] == 40 and summary["select_on"] == "sample_vun"
+    assert summary["best_sample_quality"] == {"sample_vun": 0.9}
+    with pytest.raises(ValueError, match="sample_check"):
+        fc.sample_check = 0
+        fs.train_flow(tmp_path / "again", fc, checkpoint=ckpt)

@@ -106,10 +106,13 @@ __all__ = [
     "LatentBatch",
     "LatentBatches",
     "LatentData",
+    "SampleCheck",
     "checkpoint_from_bundle",
     "fit_flow",
     "latent_split",
     "make_flow_loss",
+    "make_sample_check",
+    "sample_quality",
     "spacegroup_labels",
     "standardise",
     "train_flow",
@@ -567,6 +570,7 @@ class FlowFit(NamedTuple):
     best_step: int
     val_nll_init: float  # validation NLL of the initial flow
     interrupted: bool  # stopped by SIGTERM / SIGINT (checkpoint saved; re-run resumes)
+    record: dict[str, float] | None = None  # the best step's validation record
 
 
 def _val_record(flow: Any, params: Any, data: LatentData) -> dict[str, float]:
@@ -581,6 +585,88 @@ def _val_record(flow: Any, params: Any, data: LatentData) -> dict[str, float]:
     return rec
 
 
+class SampleCheck(NamedTuple):
+    """What `sample_quality` needs (`make_sample_check`)."""
+
+    sample: Any  # jitted (params, key) -> `make_sample_fn` output of n raw samples
+    fixed: dict[str, Any]  # the frozen parameters: {"autoencoder", "stats"}
+    train: list[Any]  # novelty reference: the training split's `Crystal`s
+    train_formulas: list[str]
+    seed: int
+
+
+def make_sample_check(
+    ckpt: dict[str, Any],
+    stats: dict[str, np.ndarray],
+    flow_config: FlowConfig,
+    config: ml_collections.ConfigDict,
+    train_crystals: Sequence[Any],
+) -> SampleCheck:
+    """The sample check of flow training (``config.sample_check`` samples per validation).
+
+    The samples are the model's own, without any of the sampler's repairs or filters
+    (no composition check, no space-group prior, no contact repulsion; base temperature
+    1, the sampler's Euler steps): what the flow and decoder produce, which is what a
+    checkpoint should be chosen on. The same key at every validation, so changes
+    between validations are the flow's.
+    """
+    from autoperi_jax.distinct import reduced_formula
+    from autoperi_jax.sampling import SamplerSettings, make_sample_fn
+
+    cfg = ckpt["config"]
+    raw = SamplerSettings(
+        num_steps=config.sampler.get("num_steps"),
+        composition_check=False,
+        constraint_steps=0,
+        spacegroup_prior=False,
+    )
+    fn = make_sample_fn(build_model(cfg), build_settings(cfg), ckpt["normalisers"], flow_config,
+                        tuple(config.properties), sampler=raw)  # fmt: skip
+    n = int(config.sample_check)
+    fixed = {"autoencoder": ckpt["params"], "stats": {k: jnp.asarray(v) for k, v in stats.items()}}
+    return SampleCheck(
+        jax.jit(lambda params, key: fn(params, key, n)),
+        fixed,
+        list(train_crystals),
+        [reduced_formula(c) for c in train_crystals],
+        int(config.seed) + 1,
+    )
+
+
+def sample_quality(check: SampleCheck, flow_params: Any) -> dict[str, float]:
+    """Valid x unique x novel of ``config.sample_check`` raw samples of a flow.
+
+    ``sample_valid``: CDVAE validity (structure and SMACT composition,
+    `eval.metrics.crystal_validity`); ``sample_unique`` / ``sample_novel``: shares of the
+    valid samples that are the first of their structure / match no training crystal
+    (`eval.metrics.uniqueness`, `eval.metrics.novelty`: pymatgen StructureMatcher with
+    its default tolerances within a reduced formula); ``sample_vun``: share of all samples
+    that are valid, unique and novel (what a user of the model gets that is new).
+    """
+    from autoperi_jax.convert import outputs_to_crystals
+    from autoperi_jax.distinct import reduced_formula
+    from eval.metrics import crystal_validity, novelty, uniqueness
+
+    params = {**check.fixed, "flow": flow_params}
+    out = jax.device_get(check.sample(params, jax.random.PRNGKey(check.seed)))
+    crystals = outputs_to_crystals(out)
+    struct, comp = crystal_validity(crystals)
+    valid = struct & comp
+    formulas = [reduced_formula(c) for c in crystals]
+    uniq = uniqueness(crystals, formulas, valid, workers=1, progress=False)
+    nov = novelty(crystals, formulas, check.train, check.train_formulas, valid, workers=1,
+                  progress=False)  # fmt: skip
+    vun = valid & uniq["is_first"] & nov["is_novel"]
+    return {
+        "sample_valid": float(valid.mean()),
+        "sample_struct_valid": float(struct.mean()),
+        "sample_comp_valid": float(comp.mean()),
+        "sample_unique": float(uniq["uniqueness"]),
+        "sample_novel": float(nov["novelty"]),
+        "sample_vun": float(vun.mean()),
+    }
+
+
 def fit_flow(
     flow: Any,
     params0: Any,
@@ -590,6 +676,7 @@ def fit_flow(
     key: jax.Array,
     log: Logger,
     run_key: str,
+    check: SampleCheck | None = None,
 ) -> FlowFit:
     """Trains the flow by maximum likelihood with `train.loop.run_loop` (the autoencoder's
     loop: sharded step, non-finite guard, checkpoints in ``out_dir/checkpoints`` every
@@ -598,7 +685,15 @@ def fit_flow(
     A checkpoint folder written with another ``run_key`` (other settings or autoencoder;
     kept in ``out_dir/checkpoints.key``) is replaced; one of the same key is resumed from
     its newest readable step.
+
+    With a ``check`` (`make_sample_check`), every validation also records
+    `sample_quality`; ``config.select_on`` names the record that picks the kept step
+    (``val_nll``, lowest, by default; a ``sample_*`` share, highest, e.g. ``sample_vun``).
     """
+    select = str(config.get("select_on", "val_nll"))
+    if select.startswith("sample_") and check is None:
+        raise ValueError(f"select_on={select} needs sample_check > 0")
+    mode = "max" if select.startswith("sample_") else "min"
     mesh = parallel.make_mesh()
     tx, schedule = optimizer(OptimizerSettings.from_config(config, config.num_steps))
     noise = noise_scales(
@@ -622,8 +717,8 @@ def fit_flow(
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # another stage's: start afresh
         (out_dir / "checkpoints.key").write_text(run_key)
     ckpt = Checkpointer(
-        ckpt_dir, max_to_keep=int(config.get("keep_checkpoints", 3)), best_metric="val_nll",
-        async_save=bool(config.get("async_checkpoint", True)),
+        ckpt_dir, max_to_keep=int(config.get("keep_checkpoints", 3)), best_metric=select,
+        best_mode=mode, async_save=bool(config.get("async_checkpoint", True)),
     )  # fmt: skip
     if ckpt.steps():
         state, saved, _ = restore_state(ckpt, abstract)
@@ -632,19 +727,30 @@ def fit_flow(
     else:
         state = parallel.create_state(init, mesh, params0)
         first = _val_record(flow, params0, data)
+        if check is not None:
+            first.update(sample_quality(check, params0))
         log({"step": 0, "split": "val", **first})
         val_nll_init = first["val_nll"]
 
-    seen: dict[int, float] = {}  # validation NLL by step
+    seen: dict[int, dict[str, float]] = {}  # validation records by step
 
     def evaluate(state: dict[str, Any]) -> dict[str, Any]:
-        rec = _val_record(flow, jax.device_get(state["params"]), data)
-        seen[int(state["step"])] = rec["val_nll"]
+        params = jax.device_get(state["params"])
+        rec = _val_record(flow, params, data)
+        if check is not None:
+            rec.update(sample_quality(check, params))
+        seen[int(state["step"])] = rec
         if config.progress and jax.process_index() == 0:
-            tqdm.write(
+            line = (
                 f"step {int(state['step'])}: val_nll {rec['val_nll']:.3f} "
                 f"(uncond {rec['val_nll_uncond']:.3f}) train_nll {rec['train_nll']:.3f}"
             )
+            if check is not None:
+                line += (
+                    " valid {sample_valid:.3f} unique {sample_unique:.3f} novel "
+                    "{sample_novel:.3f} VUN {sample_vun:.3f}".format(**rec)
+                )
+            tqdm.write(line)
         return rec
 
     loop = LoopSettings(
@@ -652,7 +758,7 @@ def fit_flow(
         log_every=config.log_every,
         checkpoint_every=int(config.get("checkpoint_every", config.val_every)),
         max_nonfinite_steps=int(config.get("max_nonfinite_steps", 10)),
-        best_metric=("val_nll", "val_nll"),
+        best_metric=(select, select),
         progress=config.progress,
         desc="train-flow",
         postfix=(("l_gen", "l_gen"),),
@@ -669,16 +775,17 @@ def fit_flow(
         ckpt.wait()
         best = ckpt.best_step()
         if best is None:  # no validation yet (interrupted before the first)
-            params, val_nll = params0, float("inf")
+            params, val_nll, record = params0, float("inf"), None
         else:
             state = result.state
             if best != int(state["step"]):
                 state = ckpt.restore(abstract, best)[0]
             params = jax.device_get(state["params"])
-            val_nll = seen[best] if best in seen else _val_record(flow, params, data)["val_nll"]
+            record = seen[best] if best in seen else _val_record(flow, params, data)
+            val_nll = record["val_nll"]
     finally:
         ckpt.close()
-    return FlowFit(params, val_nll, best or 0, val_nll_init, result.interrupted is not None)
+    return FlowFit(params, val_nll, best or 0, val_nll_init, result.interrupted is not None, record)
 
 
 def _resumable(out_dir: Path, run_key: str) -> bool:
@@ -755,7 +862,11 @@ def train_flow(
     if reuse:
         fit = _reused_flow(workdir, flow_config, log)
     else:
-        fit = fit_flow(flow, params0, data, config, out_dir, k_train, log, run_key)
+        check = None
+        if int(config.get("sample_check", 0)) > 0 and not flow_config.use_composition:
+            crystals = load_split(ckpt["config"], "train", config.progress).crystals()
+            check = make_sample_check(ckpt, data.stats, flow_config, config, crystals)
+        fit = fit_flow(flow, params0, data, config, out_dir, k_train, log, run_key, check)
     if fit.interrupted:
         log.close()
         return {"interrupted": True}
@@ -777,6 +888,10 @@ def train_flow(
         "best_step": fit.best_step,
         "val_nll_init": fit.val_nll_init,
         "val_nll_per_dim": fit.val_nll / flow_config.dim,
+        "select_on": str(config.get("select_on", "val_nll")),
+        "best_sample_quality": {
+            k: v for k, v in (fit.record or {}).items() if k.startswith("sample_")
+        },
         "predictor_val_mae": {
             k: float(pred["val_mae_std"][q] * data.prop_std[q]) for q, k in enumerate(names)
         },

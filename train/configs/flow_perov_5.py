@@ -54,6 +54,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.p_drop_spacegroup = 0.2  # and the space group
     c.log_every = 50
     c.val_every = 1000
+    # Raw samples drawn at every validation (train.flow_stage.sample_quality: valid,
+    # unique, novel and their product, logged as sample_*); 0 = off. ``select_on`` is the
+    # record that picks the kept step: val_nll (lowest) or a sample_* share (highest).
+    c.sample_check = 0
+    c.select_on = "val_nll"
     # Checkpoints in RUN/flow/checkpoints (also at every validation): re-running resumes.
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3  # the last N, plus the best validation step
