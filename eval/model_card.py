@@ -11,6 +11,9 @@ the README's table differs from what the shipped ``metrics.json`` files say::
   python -m eval.model_card table            # prints the Markdown block
   python -m eval.model_card check README.md  # exit 1 on a mismatch
   python -m eval.model_card write README.md  # replace the README block
+
+``--name mp_20`` (before the command) does the same for another shipped model; each model
+has its own block in the README (`markers`).
 """
 
 from __future__ import annotations
@@ -23,10 +26,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["END", "START", "check_readme", "render_table", "results_dir"]
+__all__ = ["check_readme", "markers", "render_table", "results_dir"]
 
-START = "<!-- pretrained-results:start (python -m eval.model_card write README.md) -->"
-END = "<!-- pretrained-results:end -->"
+
+def markers(name: str = "perov_5") -> tuple[str, str]:
+    """The README lines that open and close the results block of the shipped model."""
+    cmd = "python -m eval.model_card" + ("" if name == "perov_5" else f" --name {name}")
+    return (
+        f"<!-- pretrained-results:{name}:start ({cmd} write README.md) -->",
+        f"<!-- pretrained-results:{name}:end -->",
+    )
+
 
 # (metrics.json key, label, kind): kind "pct" = rate shown in %, "num" = 4 decimals.
 GEN_ROWS = (
@@ -47,6 +57,10 @@ RECON_ROWS = (
     ("spacegroup_preserved", "space group preserved by reconstruction (spglib 0.1)", "pct"),
 )
 DEMO_ROWS = (*GEN_ROWS[:6], GEN_ROWS[7])  # no novelty: the demo evaluates without --train
+GEN_EXTRA_ROWS = (
+    ("unique_novel_rate", "unique and novel (valid)", "pct"),
+    ("novel_p1_share", "space group P1 among novel samples (spglib 0.1)", "pct"),
+)
 CSP_ROWS = (
     ("match_rate_k1", "match rate, k = 1", "pct"),
     ("rmse_k1", "RMSE, k = 1 (normalised by (V/N)^(1/3))", "num"),
@@ -63,46 +77,65 @@ CSP_PUBLISHED = ("DiffCSP", "FlowMM")
 FILES = {
     "gen": GEN_ROWS,
     "gen_unique": GEN_ROWS,
+    "gen_raw": GEN_ROWS,
     "recon": RECON_ROWS,
     "demo": DEMO_ROWS,
     "csp": CSP_ROWS,
     "csp_rank": CSP_RANK_ROWS,
 }
 TITLES = {
-    "gen": "Generation, 10,000 samples (seed 0) vs the 3,785 test crystals",
+    "gen": "Generation, 10,000 samples (seed 0) vs the test crystals",
     "gen_unique": "Generation with `--unique` (10,000 mutually distinct samples, seed 0) vs the "
-    "3,785 test crystals",
-    "recon": "Reconstruction of the 3,785 test crystals",
+    "test crystals",
+    "gen_raw": "Generation with `--no-checks` (10,000 samples as drawn, seed 0) vs the test "
+    "crystals",
+    "recon": "Reconstruction of the test crystals",
     "demo": "`make demo`: 1,200 samples (seed 0) vs the test crystals",
-    "csp": "Structure prediction: 20 predictions (seed 0) for each of the 3,785 test compositions",
+    "csp": "Structure prediction: 20 predictions (seed 0) for each test composition",
     "csp_rank": "Structure prediction, 8 predictions per test composition ranked by "
     "consensus (`--rank`), k = 1",
 }
+# The first lines of each model's block.
+INTROS = {
+    "perov_5": "Perov-5 test split (3,785 crystals), CDVAE's protocol: 10,000 generated "
+    "samples (seed 0; EMDs over 10 draws of 1,000 valid samples), and the reconstruction of "
+    "every test crystal.",
+    "mp_20": "MP-20 test split (9,046 crystals), CDVAE's protocol: 10,000 generated samples "
+    "(seed 0; EMDs over 10 draws of 1,000 valid samples), and the reconstruction of every "
+    "test crystal. The model was trained on 15,455 of the 27,136 MP-20 train crystals "
+    "(novelty is measured against those 15,455); the published models on all of them.",
+}
 # The commands that produced each metrics file (the eval command is also recorded
 # inside the file as inputs.command).
+# (NAME = the shipped model, which is also the dataset's name.)
 COMMANDS = {
     "gen": (
-        "autoperi sample --pretrained perov_5 -n 10000 --seed 0 --out gen.extxyz",
-        "autoperi eval --task gen --samples gen.extxyz --reference perov_5:test "
-        "--train perov_5:train --out OUT",
+        "autoperi sample --pretrained NAME -n 10000 --seed 0 --out gen.extxyz",
+        "autoperi eval --task gen --samples gen.extxyz --reference NAME:test "
+        "--train NAME:train --out OUT",
     ),
     "gen_unique": (
-        "autoperi sample --pretrained perov_5 -n 10000 --seed 0 --unique --out gen.extxyz",
-        "autoperi eval --task gen --samples gen.extxyz --reference perov_5:test "
-        "--train perov_5:train --no-plots --out OUT",
+        "autoperi sample --pretrained NAME -n 10000 --seed 0 --unique --out gen.extxyz",
+        "autoperi eval --task gen --samples gen.extxyz --reference NAME:test "
+        "--train NAME:train --no-plots --out OUT",
+    ),
+    "gen_raw": (
+        "autoperi sample --pretrained NAME -n 10000 --seed 0 --no-checks --out raw.extxyz",
+        "autoperi eval --task gen --samples raw.extxyz --reference NAME:test "
+        "--train NAME:train --no-plots --out OUT",
     ),
     "recon": (
-        "autoperi reconstruct --pretrained perov_5 --split test --out recon.extxyz",
-        "autoperi eval --task recon --samples recon.extxyz --reference perov_5:test --out OUT",
+        "autoperi reconstruct --pretrained NAME --split test --out recon.extxyz",
+        "autoperi eval --task recon --samples recon.extxyz --reference NAME:test --out OUT",
     ),
     "demo": ("make demo",),
     "csp": (
-        "autoperi csp --pretrained perov_5 --split test -n 20 --seed 0 --out csp.extxyz",
-        "autoperi eval --task csp --samples csp.extxyz --reference perov_5:test --k 1,20 --out OUT",
+        "autoperi csp --pretrained NAME --split test -n 20 --seed 0 --out csp.extxyz",
+        "autoperi eval --task csp --samples csp.extxyz --reference NAME:test --k 1,20 --out OUT",
     ),
     "csp_rank": (
-        "autoperi csp --pretrained perov_5 --split test -n 8 --rank --seed 0 --out rank.extxyz",
-        "autoperi eval --task csp --samples rank.extxyz --reference perov_5:test --k 1 --out OUT",
+        "autoperi csp --pretrained NAME --split test -n 8 --rank --seed 0 --out rank.extxyz",
+        "autoperi eval --task csp --samples rank.extxyz --reference NAME:test --k 1 --out OUT",
     ),
 }
 
@@ -149,26 +182,28 @@ def render_table(name: str = "perov_5", folder: Path | None = None) -> str:
     published numbers), the demo's figures in a line, and the file and commands of each."""
     folder = results_dir(name) if folder is None else Path(folder)
     d = {kind: _load(folder, kind) for kind in FILES}
-    gen, unique, recon = d["gen"], d["gen_unique"], d["recon"]
-    lines = [START, ""]
-    lines.append(
-        "Perov-5 test split (3,785 crystals), CDVAE's protocol: 10,000 generated samples "
-        "(seed 0; EMDs over 10 draws of 1,000 valid samples), and the reconstruction of "
-        "every test crystal."
-    )
+    gen, unique, raw, recon = d["gen"], d["gen_unique"], d["gen_raw"], d["recon"]
+    start, end = markers(name)
+    lines = [start, ""]
+    lines.append(INTROS.get(name, f"{name} test split."))
     lines.append("")
     gen_cols = ["shipped model"] + (["shipped, `--unique`"] if unique else [])
+    gen_cols += ["shipped, `--no-checks`"] if raw else []
     lines.append("| metric | " + " | ".join(gen_cols) + " | " + " | ".join(PUBLISHED) + " |")
     lines.append("|---" * (1 + len(gen_cols) + len(PUBLISHED)) + "|")
     rows = []
     if gen:
         rows += [(label, key, fmt, gen) for key, label, fmt in GEN_ROWS]
+        rows += [
+            (label, key, fmt, gen) for key, label, fmt in GEN_EXTRA_ROWS if key in gen["metrics"]
+        ]
     if recon:
         rows += [(label, key, fmt, recon) for key, label, fmt in RECON_ROWS]
     for label, key, fmt, src in rows:
         ours = [_ours(src, key, fmt)]
-        if unique:
-            ours.append(_ours(unique, key, fmt) if src is gen else "")
+        for extra in (unique, raw):
+            if extra:
+                ours.append(_ours(extra, key, fmt) if src is gen else "")
         theirs = [_published(src, key, fmt, c) for c in PUBLISHED]
         lines.append(f"| {label} | " + " | ".join(ours + theirs) + " |")
     lines.append("")
@@ -204,27 +239,29 @@ def render_table(name: str = "perov_5", folder: Path | None = None) -> str:
     for kind in FILES:
         if d[kind] is None:
             continue
-        cmds = "; ".join(f"`{c}`" for c in COMMANDS[kind])
+        cmds = "; ".join(f"`{c.replace('NAME', name)}`" for c in COMMANDS[kind])
         wall = d[kind].get("wall_time_s")
         lines.append(f"- `{kind}.json`: {cmds} (evaluation {wall:.0f} s on 2 CPU cores)")
     lines.append("")
-    lines.append(END)
+    lines.append(end)
     return "\n".join(lines)
 
 
-def _block(text: str) -> str | None:
-    i, j = text.find(START), text.find(END)
+def _block(text: str, name: str) -> str | None:
+    start, end = markers(name)
+    i, j = text.find(start), text.find(end)
     if i < 0 or j < 0:
         return None
-    return text[i : j + len(END)]
+    return text[i : j + len(end)]
 
 
 def check_readme(readme: str | Path, name: str = "perov_5") -> list[str]:
     """Differences between the README's results block and the shipped metrics (empty =
     they agree)."""
-    have = _block(Path(readme).read_text())
+    have = _block(Path(readme).read_text(), name)
     if have is None:
-        return [f"{readme}: no results block ({START} ... {END})"]
+        start, end = markers(name)
+        return [f"{readme}: no results block ({start} ... {end})"]
     want = render_table(name)
     if have == want:
         return []
@@ -273,10 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("README results table matches the shipped metrics" if not diffs else "MISMATCH")
         return 1 if diffs else 0
     text = Path(args.readme).read_text()
-    old = _block(text)
+    old = _block(text, args.name)
     new = render_table(args.name)
     if old is None:
-        raise SystemExit(f"{args.readme}: add the two marker lines first:\n{START}\n{END}")
+        start, end = markers(args.name)
+        raise SystemExit(f"{args.readme}: add the two marker lines first:\n{start}\n{end}")
     Path(args.readme).write_text(text.replace(old, new))
     return 0
 

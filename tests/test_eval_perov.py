@@ -133,3 +133,36 @@ def test_full_perov5_test_split_against_itself(perov_test_set):
         expected = wasserstein_distance(x[valid], x)
         assert m[f"emd_{key}_all_valid"] == pytest.approx(expected, rel=1e-9, abs=1e-12), key
     assert m["emd_density_all_valid"] > 0
+
+
+def test_novel_p1_share_is_spglibs_p1_share_of_the_novel_samples(mixed_subset):
+    """Samples: 30 test crystals, the first 10 rattled by 0.15 A (mostly P1); train: the
+    crystals from the 21st on, so the first 20 are novel. The share of P1 among the novel
+    valid samples must equal spglib's own count (pymatgen SpacegroupAnalyzer, symprec 0.1)."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    from autoperi_jax.crystal import Crystal
+
+    rng = np.random.default_rng(0)
+    crystals = []
+    for i, c in enumerate(mixed_subset.crystals[:30]):
+        if i < 10:
+            shift = rng.normal(0.0, 0.15, c.frac_coords.shape) @ np.linalg.inv(c.cell)
+            c = Crystal(c.cell, c.frac_coords + shift, c.numbers, name=c.name)
+        crystals.append(c)
+    samples = StructureSet(crystals, mixed_subset.names[:30], [None] * 30, "rattled")
+    train = _subset(mixed_subset, range(20, len(mixed_subset)))
+    res = evaluate(samples, mixed_subset, _gen_options(n_draw=10), train=train, workers=1,
+                   progress=False)  # fmt: skip
+    valid = [M.smact_validity(c.numbers) and M.structure_validity(c) for c in crystals[:20]]
+    groups = [
+        SpacegroupAnalyzer(c.to_pymatgen(), symprec=0.1).get_space_group_symbol()
+        for c, ok in zip(crystals[:20], valid)
+        if ok
+    ]
+    assert res.metrics["novelty"] == pytest.approx(sum(valid) / sum(
+        M.smact_validity(c.numbers) and M.structure_validity(c) for c in crystals
+    ))  # fmt: skip
+    p1 = sum(g == "P1" for g in groups)
+    assert p1 > 0 and p1 < len(groups)  # both kinds present: the check can fail
+    assert res.metrics["novel_p1_share"] == pytest.approx(p1 / len(groups))
