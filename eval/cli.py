@@ -27,6 +27,11 @@ EXAMPLES = """examples:
   # structure prediction: k = 20 predictions per test crystal, named ID#j (DiffCSP protocol)
   autoperi eval --task csp --samples csp.extxyz --reference perov_5:test --k 1,20 --out runs/csp
 
+  # MLIP stability judge (pip install 'autoperi-jax[stability]'): CHGNet relaxation of 1,000
+  # seeded valid samples and 1,000 test crystals, E_hull vs the MP-20 hull, S.U.N. rate
+  autoperi eval --task gen --samples samples.extxyz --reference mp_20:test --stability chgnet \\
+      --stability-samples 1000 --stability-train mp_20:train_partial --out runs/eval_stab
+
   # a folder of CIFs or a CSV with a 'cif' column work as --samples too; MP-20 by path:
   autoperi eval --task gen --samples cifs/ --reference ~/data/mp_20/test.csv \\
       --dataset-name mp_20 --out runs/eval_mp20
@@ -129,6 +134,42 @@ def register(subparsers) -> argparse.ArgumentParser:
         "eval.stability) on valid samples and valid reference crystals",
     )
     p.add_argument("--phonon-max", type=int, help="phonons of at most N valid structures per side")
+    g = p.add_argument_group(
+        "MLIP stability judge (gen/cond; pip install 'autoperi-jax[stability]', eval.mlip)"
+    )
+    g.add_argument(
+        "--stability",
+        choices=["chgnet"],
+        help="relax valid samples and as many valid reference crystals with CHGNet; report "
+        "energies, relaxed match / RMSD, E_hull, stable and S.U.N. rates beside the reference's",
+    )
+    g.add_argument("--stability-samples", type=int, help="a seeded subset of N valid samples")
+    g.add_argument("--stability-seed", type=int, default=0, help="subset seed (default 0)")
+    g.add_argument(
+        "--stability-workers",
+        type=int,
+        help="relaxation processes, one thread each (default min(cores, 4); 0: in this process)",
+    )
+    g.add_argument(
+        "--stability-cache",
+        help="JSON-lines cache of relaxations (default "
+        "$AUTOPERI_CACHE/stability/chgnet-relax.jsonl)",
+    )
+    g.add_argument(
+        "--stability-hull",
+        default="auto",
+        choices=["auto", "mp_20", "none"],
+        help="convex hull for E_hull: mp_20 = every MP-20 DFT formation energy (needs "
+        "mp_20/{train_meta_all,val,test} in --data-dir / $AUTOPERI_DATA); auto (default): "
+        "mp_20 when those files are there",
+    )
+    g.add_argument(
+        "--stability-train",
+        help="train split for the S.U.N. novelty (default --train); unlike --train it "
+        "computes no train fingerprints (e.g. mp_20:train_partial)",
+    )
+    g.add_argument("--stability-fmax", type=float, default=0.05, help="eV/A (default 0.05)")
+    g.add_argument("--stability-steps", type=int, default=500, help="FIRE step cap (500)")
     p.add_argument("--data-dir", help="folder holding NAME/SPLIT.csv (else $AUTOPERI_DATA)")
     p.add_argument(
         "--no-reference-stats",
@@ -147,7 +188,114 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     register_bench(subparsers)
     _register_reference_stats(subparsers)
+    _register_stability(subparsers)
     return p
+
+
+def _register_stability(subparsers) -> None:
+    s = subparsers.add_parser(
+        "stability",
+        help="judge a set of structures with the MLIP (CHGNet) stability judge alone",
+        description="Relaxes a seeded subset of valid structures with CHGNet and reports "
+        "energies, formation energies, relaxed match / RMSD, E_hull against the MP-20 DFT "
+        "hull, stable and S.U.N. rates (eval.mlip), without the CDVAE metrics: e.g. a "
+        "benchmark split scored as samples, the baseline of `autoperi eval --stability`.",
+        epilog="example: autoperi stability --structures mp_20:test --n 100 --seed 0 "
+        "--train mp_20:train_partial --workers 1 --out runs/stability_mp20_test",
+    )
+    s.add_argument("--structures", required=True, help="split (mp_20:test), CSV, CIFs or file")
+    s.add_argument("--out", required=True, help="output folder (stability.json)")
+    s.add_argument("--n", type=int, help="seeded subset of N valid structures (default all)")
+    s.add_argument("--seed", type=int, default=0, help="subset seed (default 0)")
+    s.add_argument("--train", help="train split for the S.U.N. novelty")
+    s.add_argument("--hull", default="auto", choices=["auto", "mp_20", "none"])
+    s.add_argument("--workers", type=int, help="relaxation processes (default min(cores, 4))")
+    s.add_argument("--cache", help="relaxation cache (JSON lines)")
+    s.add_argument("--fmax", type=float, default=0.05, help="eV/A (default 0.05)")
+    s.add_argument("--steps", type=int, default=500, help="FIRE step cap (500)")
+    s.add_argument("--data-dir", help="folder holding NAME/SPLIT.csv (else $AUTOPERI_DATA)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=_stability_cmd)
+
+
+def _stability_cmd(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from autoperi_jax.crystal import CrystalError
+    from autoperi_jax.datasets import LOCAL_SPLITS, DatasetError
+    from eval import mlip
+    from eval.report import to_jsonable
+    from eval.samples import load_structure_set
+
+    t0 = time.perf_counter()
+    progress = not args.quiet
+    try:
+        load = dict(data_dir=args.data_dir, workers=1, progress=progress)
+        ss = load_structure_set(args.structures, **load)
+        hull = None
+        if args.hull != "none":
+            try:
+                hull = mlip.mp20_hull(args.data_dir)
+            except (DatasetError, FileNotFoundError) as e:
+                if args.hull == "mp_20":
+                    raise
+                print(f"autoperi stability: no hull, E_hull skipped ({e})", file=sys.stderr)
+        train = note = None
+        if args.train:
+            tset = load_structure_set(args.train, **load)
+            train = [c for c in tset.crystals if c is not None]
+            name, _, split = args.train.partition(":")
+            note = f"{args.train}: {len(train):,} structures"
+            if (name, split) in LOCAL_SPLITS:
+                note += f" ({LOCAL_SPLITS[name, split]}; novelty is overestimated)"
+        sel, checked = mlip.seeded_valid_subset(ss.crystals, args.n, args.seed)
+        settings = mlip.RelaxSettings(fmax=args.fmax, max_steps=args.steps)
+        workers = args.workers if args.workers is not None else min(os.cpu_count() or 1, 4)
+        t1 = time.perf_counter()
+        recs = mlip.relax_structures(
+            [ss.crystals[i] for i in sel], [ss.names[i] for i in sel], settings, workers,
+            args.cache or mlip.default_cache_path(settings), progress,
+        )  # fmt: skip
+        t_relax = time.perf_counter() - t1
+        metrics, arrays = mlip.summarize(recs, hull, train, progress=progress)
+    except (DatasetError, CrystalError, FileNotFoundError, ValueError, ImportError) as e:
+        print(f"autoperi stability: error: {e}", file=sys.stderr)
+        return 2
+    rows = []
+    for j, r in enumerate(recs):
+        row = {k: v for k, v in r.items() if k not in ("relaxed", "key")}
+        row.update({a: arrays[a][j] for a in ("e_hull", "unique", "novel") if a in arrays})
+        rows.append(row)
+    proto = mlip.protocol(settings, hull, mlip.STABLE_THRESHOLD)
+    proto["subset"] = (
+        f"{len(sel)} structures: the first valid ones (structure + SMACT composition "
+        f"validity) in numpy default_rng({args.seed}).permutation order of the "
+        f"{sum(c is not None for c in ss.crystals)} readable ones ({checked} checked)"
+    )
+    proto["novelty_train"] = note
+    payload = {
+        "schema": "autoperi-stability/1",
+        "inputs": {"structures": args.structures, "source": ss.source, "n_structures": len(ss),
+                   "train": args.train,
+                   "command": "autoperi " + " ".join(sys.argv[1:]) if sys.argv else None},
+        "protocol": proto,
+        "metrics": metrics,
+        "structures": rows,
+        "wall_time_s": {"relax": t_relax, "total": time.perf_counter() - t0},
+    }  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stability.json").write_text(
+        json.dumps(to_jsonable(payload), indent=2, allow_nan=False) + "\n"
+    )
+    print(f"{len(sel)} structures of {args.structures} judged")
+    for k, v in metrics.items():
+        if v is not None:
+            print(f"  {k:36s} {v:.4f}" if isinstance(v, float) else f"  {k:36s} {v}")
+    print(f"relax {t_relax:.1f} s, total {payload['wall_time_s']['total']:.1f} s; "
+          f"wrote {out / 'stability.json'}")  # fmt: skip
+    return 0
 
 
 def _register_reference_stats(subparsers) -> None:
@@ -210,6 +358,55 @@ def _parse_ks(text: str) -> tuple[int, ...]:
     return ks
 
 
+def _stability_inputs(args, reference, train, load):
+    """The hull, the reference structures and the novelty train set of ``--stability``."""
+    from autoperi_jax.datasets import LOCAL_SPLITS, DatasetError, resolve_dataset
+    from eval.evaluate import StabilityInputs
+    from eval.mlip import mp20_hull
+    from eval.reference import ReferenceStats
+    from eval.samples import load_structure_set
+
+    try:
+        import chgnet  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "--stability chgnet needs CHGNet and torch: pip install 'autoperi-jax[stability]'"
+        ) from None
+    hull = None
+    if args.stability_hull != "none":
+        try:
+            hull = mp20_hull(args.data_dir)
+        except (DatasetError, FileNotFoundError) as e:
+            if args.stability_hull == "mp_20":
+                raise ValueError(f"--stability-hull mp_20: {e}") from e
+            print(f"autoperi eval: no convex hull, E_hull / S.U.N. skipped ({e})", file=sys.stderr)
+    ref_structs = None
+    if isinstance(reference, ReferenceStats):
+        try:  # the baseline relaxes real reference crystals: statistics hold none
+            path = resolve_dataset(args.reference, args.data_dir, download=False)
+            ref_structs = load_structure_set(path, **load)
+        except DatasetError as e:
+            print(
+                f"autoperi eval: the stability baseline needs the reference split's "
+                f"structures, not found ({e}); sample figures are reported without it",
+                file=sys.stderr,
+            )
+    tcrys, note = None, None
+    spec = args.stability_train or args.train
+    if spec:
+        tset = train if spec == args.train and train is not None else None
+        tset = tset or load_structure_set(spec, **load)
+        tcrys = [c for c in tset.crystals if c is not None]
+        name, _, split = str(spec).partition(":")
+        note = f"{spec}: {len(tcrys):,} structures"
+        if (name, split) in LOCAL_SPLITS:
+            note += f" ({LOCAL_SPLITS[name, split]}; novelty is overestimated)"
+    return StabilityInputs(
+        hull=hull, reference=ref_structs, train=tcrys, train_note=note,
+        workers=args.stability_workers, cache=args.stability_cache,
+    )  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs ``autoperi eval``; returns the exit code."""
     from autoperi_jax.crystal import CrystalError
@@ -252,6 +449,11 @@ def run(args: argparse.Namespace) -> int:
             phonons=args.phonons,
             phonon_max=args.phonon_max,
             csp_ks=_parse_ks(args.k),
+            stability=args.stability,
+            stability_samples=args.stability_samples,
+            stability_seed=args.stability_seed,
+            stability_fmax=args.stability_fmax,
+            stability_max_steps=args.stability_steps,
         )  # fmt: skip
         load = dict(data_dir=args.data_dir, workers=args.workers, progress=progress)
         samples = load_structure_set(args.samples, limit=args.max_samples, **load)
@@ -263,9 +465,11 @@ def run(args: argparse.Namespace) -> int:
                 min_volume=opts.min_volume, use_stats=not args.no_reference_stats, **load,
             )  # fmt: skip
         train = load_structure_set(args.train, **load) if args.train else None
+        stab = _stability_inputs(args, reference, train, load) if args.stability else None
         result = evaluate(
             samples, reference, opts, train=train, workers=args.workers,
             cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=progress,
+            stability=stab,
         )  # fmt: skip
         inputs = {
             "samples": str(args.samples),
@@ -300,6 +504,10 @@ def run(args: argparse.Namespace) -> int:
             "emd_density", "emd_num_elements", "emd_property", "emd_density_all_valid",
             "emd_num_elements_all_valid", "emd_property_all_valid", "uniqueness", "novelty",
             "phonon_stable_rate", "phonon_stable_rate_reference",
+            "stability_relaxed_match_rate", "stability_relaxed_match_rate_reference",
+            "stability_rmsd_mean", "stability_rmsd_mean_reference",
+            "stability_ehull_below_ref_rate", "stability_ehull_below_ref_rate_reference",
+            "stable_rate", "stable_rate_reference", "sun_rate", "sun_rate_reference",
         ]
     )  # fmt: skip
     print(f"{args.task}: {len(samples)} samples vs {len(reference)} reference structures")

@@ -8,6 +8,7 @@ per-seed details and the per-structure features the report plots.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -19,7 +20,14 @@ from eval.fingerprints import cdvae_comp_scale
 from eval.reference import ReferenceStats, fingerprints, reference_side
 from eval.samples import StructureSet
 
-__all__ = ["EvalOptions", "EvalResult", "align_predictions", "evaluate"]
+__all__ = [
+    "EvalOptions",
+    "EvalResult",
+    "StabilityInputs",
+    "align_predictions",
+    "evaluate",
+    "seeded_subset",
+]
 
 TASKS = ("recon", "gen", "cond", "csp")
 
@@ -59,6 +67,17 @@ class EvalOptions:
       phonon_max: evaluate the phonons of at most this many valid structures per side
         (the first ones; ``None`` = all).
       csp_ks: csp: the k of the match rates (k predictions per test crystal).
+      stability: gen/cond: ``"chgnet"`` runs the MLIP stability judge (`eval.mlip`) on the
+        valid samples (or a seeded subset) and on as many valid reference crystals scored
+        the same way; ``None``: off.
+      stability_samples: judge a seeded random subset of this many valid samples (``None``:
+        all); the reference side judges as many.
+      stability_seed: seed of both subsets (``numpy.random.default_rng``).
+      stability_fmax, stability_max_steps: relaxation threshold [eV/A] and step cap.
+      stability_threshold: E_hull of "stable" [eV/atom].
+      stability_energy_quantile: the hull-free figure ``stability_eform_below_rate``: share
+        with a CHGNet formation energy per atom at or below this quantile of the judged
+        reference crystals' (0.9).
     """
 
     task: str = "gen"
@@ -89,6 +108,13 @@ class EvalOptions:
     phonons: bool = False
     phonon_max: int | None = None
     csp_ks: tuple[int, ...] = (1, 20)
+    stability: str | None = None
+    stability_samples: int | None = None
+    stability_seed: int = 0
+    stability_fmax: float = 0.05
+    stability_max_steps: int = 500
+    stability_threshold: float = 0.1
+    stability_energy_quantile: float = 0.9
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -99,6 +125,10 @@ class EvalOptions:
             raise ValueError(f"csp_ks must be positive integers, got {self.csp_ks}")
         if self.unique_novel_on not in ("valid", "constructed"):
             raise ValueError("unique_novel_on must be 'valid' or 'constructed'")
+        if self.stability not in (None, "chgnet"):
+            raise ValueError(f"stability must be None or 'chgnet', got {self.stability!r}")
+        if self.stability_samples is not None and self.stability_samples < 1:
+            raise ValueError("stability_samples must be >= 1")
         cut = M.COV_CUTOFFS.get(self.dataset_name or "")
         if cut is not None:
             if self.struct_cutoff is None:
@@ -109,6 +139,28 @@ class EvalOptions:
     def seeds(self) -> list[int]:
         """The EMD draw seeds."""
         return list(range(self.first_seed, self.first_seed + self.num_seeds))
+
+
+@dataclasses.dataclass
+class StabilityInputs:
+    """What the MLIP stability judge needs besides `EvalOptions` (not protocol choices).
+
+    Attributes:
+      hull: `eval.mlip.FormationHull` for E_hull / stable_rate / S.U.N. (``None``: skip).
+      reference: the reference split's structures when ``reference`` is shipped
+        statistics (``None``: use the reference passed to `evaluate`).
+      train: training structures for the S.U.N. novelty (default: ``train``'s).
+      train_note: what ``train`` is (written to metrics.json).
+      workers: relaxation processes (default min(cores, 4); 0 = in this process).
+      cache: JSON-lines cache of relaxations (default `eval.mlip.default_cache_path`).
+    """
+
+    hull: Any = None
+    reference: StructureSet | None = None
+    train: list | None = None
+    train_note: str | None = None
+    workers: int | None = None
+    cache: str | None = None
 
 
 @dataclasses.dataclass
@@ -196,6 +248,7 @@ def evaluate(
     cache_dir: str | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    stability: StabilityInputs | None = None,
 ) -> EvalResult:
     """Evaluates samples against a reference set with the CDVAE protocol.
 
@@ -209,6 +262,7 @@ def evaluate(
       cache_dir: fingerprint cache folder.
       use_cache: read / write the fingerprint cache.
       progress: progress bars.
+      stability: what the MLIP judge needs besides the options (``options.stability``).
     """
     if options.task in ("recon", "csp"):
         if isinstance(reference, ReferenceStats):
@@ -216,8 +270,9 @@ def evaluate(
         fn = _evaluate_recon if options.task == "recon" else _evaluate_csp
         return fn(samples, reference, options, workers, cache_dir, use_cache, progress)
     return _evaluate_gen(
-        samples, reference, options, train, workers, cache_dir, use_cache, progress
-    )
+        samples, reference, options, train, workers, cache_dir, use_cache, progress,
+        stability or StabilityInputs(),
+    )  # fmt: skip
 
 
 def _fps(ss: StructureSet, workers, cache_dir, use_cache, progress, comp: bool = True):
@@ -225,7 +280,9 @@ def _fps(ss: StructureSet, workers, cache_dir, use_cache, progress, comp: bool =
     return fp.struct, fp.struct_ok, fp.comp, fp.comp_ok
 
 
-def _evaluate_gen(samples, reference, opts, train, workers, cache_dir, use_cache, progress):
+def _evaluate_gen(
+    samples, reference, opts, train, workers, cache_dir, use_cache, progress, stab_in
+):
     timer = _Timer()
     feat_kw = dict(
         symprec=opts.symprec, min_distance=opts.min_distance, min_volume=opts.min_volume,
@@ -392,6 +449,13 @@ def _evaluate_gen(samples, reference, opts, train, workers, cache_dir, use_cache
                 }
             details["phonon_options"] = dataclasses.asdict(sopts)
 
+    if opts.stability:
+        with timer("stability"):
+            sm, sd = _stability(samples, valid, reference, ref_valid, train, opts, stab_in,
+                                progress)  # fmt: skip
+        metrics.update(sm)
+        details.update(sd)
+
     sg = M.spacegroup_distribution(sf.spacegroup[valid], rf.spacegroup)
     metrics["spacegroup_total_variation"] = sg.get("total_variation")
     details["spacegroup_distribution"] = sg
@@ -431,6 +495,125 @@ def _evaluate_gen(samples, reference, opts, train, workers, cache_dir, use_cache
         sample_features=sf, reference_features=rf, sample_valid=valid, reference_valid=ref_valid,
         sample_property=s_prop, reference_property=r_prop, timings=timer.t,
     )  # fmt: skip
+
+
+def seeded_subset(mask: np.ndarray, n: int | None, seed: int) -> np.ndarray:
+    """Indices of ``n`` entries drawn without replacement from ``mask`` with
+    ``numpy.random.default_rng(seed)``, in ascending order (all of them if ``n`` is None or
+    not smaller)."""
+    idx = np.flatnonzero(np.asarray(mask, bool))
+    if n is None or n >= len(idx):
+        return idx
+    return np.sort(np.random.default_rng(seed).choice(idx, size=n, replace=False))
+
+
+def _stability(samples, valid, reference, ref_valid, train, opts, stab_in, progress):
+    """The MLIP judge on a seeded subset of valid samples and as many valid reference
+    crystals (`eval.mlip`)."""
+    from eval import mlip
+
+    settings = mlip.RelaxSettings(fmax=opts.stability_fmax, max_steps=opts.stability_max_steps)
+    cache = mlip.RelaxCache(stab_in.cache or mlip.default_cache_path(settings))
+    workers = stab_in.workers if stab_in.workers is not None else min(os.cpu_count() or 1, 4)
+    hull = stab_in.hull
+    tcrys = stab_in.train or ([c for c in train.crystals if c is not None] if train else None)
+    details: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    sel = seeded_subset(valid, opts.stability_samples, opts.stability_seed)
+    run = dict(settings=settings, workers=workers, cache=cache, progress=progress)
+
+    ref_set = stab_in.reference if stab_in.reference is not None else reference
+    ref_recs = None
+    t_ref = 0.0
+    if isinstance(ref_set, ReferenceStats):
+        details["stability_reference_note"] = (
+            "the reference side of the stability judge needs the reference split's "
+            "structures: shipped statistics hold none (put the split in --data-dir / "
+            "$AUTOPERI_DATA, or pass --no-reference-stats); sample figures have no baseline"
+        )
+    else:
+        rv = (
+            ref_valid
+            if len(ref_valid) == len(ref_set)
+            else np.array([c is not None for c in ref_set.crystals])
+        )
+        rsel = seeded_subset(rv, len(sel), opts.stability_seed)
+        t0 = time.perf_counter()
+        ref_recs = mlip.relax_structures(
+            [ref_set.crystals[i] for i in rsel], [ref_set.names[i] for i in rsel],
+            desc="CHGNet relax: reference", **run,
+        )  # fmt: skip
+        t_ref = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    recs = mlip.relax_structures(
+        [samples.crystals[i] for i in sel], [samples.names[i] for i in sel],
+        desc="CHGNet relax: samples", **run,
+    )  # fmt: skip
+    t_smp = time.perf_counter() - t0
+
+    kw = dict(hull=hull, train=tcrys, threshold=opts.stability_threshold,
+              workers=stab_in.workers if stab_in.workers else 1, progress=progress)  # fmt: skip
+    sm, sa = mlip.summarize(recs, **kw)
+    quantiles: dict[str, float] = {}
+    if ref_recs is not None:
+        rm, ra = mlip.summarize(ref_recs, **kw)
+        # a figure with a real-data baseline where no hull says "stable" for real crystals
+        # (Perov-5): the share at or below the judged reference crystals' quantile, of
+        # E_hull where a hull is given (comparable across compositions) and of the
+        # formation energy always
+        for name, key in (("ehull", "e_hull"), ("eform", "e_form")):
+            if key not in ra or not np.isfinite(ra[key]).any():
+                continue
+            q = float(np.nanquantile(ra[key], opts.stability_energy_quantile))
+            quantiles[name] = q
+            sm[f"stability_{name}_below_ref_rate"] = mlip.below_rate(sa[key], q)
+            rm[f"stability_{name}_below_ref_rate"] = mlip.below_rate(ra[key], q)
+        metrics.update({f"{k}_reference": v for k, v in rm.items()})
+    metrics.update(sm)
+    keep = ("name", "formula", "ok", "error", "energy_per_atom", "formation_energy_per_atom",
+            "steps", "converged", "relaxed_match", "rmsd", "volume_change", "cached")  # fmt: skip
+
+    def rows(rs, arrays):
+        out = []
+        for j, r in enumerate(rs):
+            row = {k: r.get(k) for k in keep}
+            for a in ("e_hull", "unique", "novel"):
+                if a in arrays:
+                    row[a] = arrays[a][j]
+            out.append(row)
+        return out
+
+    details["stability"] = {
+        "protocol": mlip.protocol(settings, hull, opts.stability_threshold)
+        | {
+            "subset": f"seeded random subset (numpy default_rng({opts.stability_seed})) of "
+            f"{len(sel)} of {int(np.sum(valid))} valid samples; the reference side draws as "
+            "many valid reference crystals with the same seed",
+            "below_ref_rate": {
+                name: f"share with {'E_hull' if name == 'ehull' else 'a formation energy'} "
+                f"per atom <= {q:.4f} eV/atom, the {opts.stability_energy_quantile:g} "
+                "quantile of the judged reference crystals' (so the reference scores about "
+                f"{opts.stability_energy_quantile:g} by construction)"
+                for name, q in quantiles.items()
+            }
+            or None,
+            "novelty_train": stab_in.train_note
+            or (f"{len(tcrys)} train structures" if tcrys is not None else None),
+            "cache": str(cache.path),
+        },
+        "below_ref_thresholds": quantiles,
+        "wall_s": {"samples": t_smp, "reference": t_ref},
+        "n_cached": {"samples": sum(bool(r.get("cached")) for r in recs),
+                     "reference": sum(bool(r.get("cached")) for r in ref_recs or [])},
+        "samples": rows(recs, sa),
+        "reference": rows(ref_recs, ra) if ref_recs is not None else None,
+    }  # fmt: skip
+    if hull is None:
+        details["stability_hull_note"] = (
+            "no convex hull given: E_hull, stable_rate and sun_rate not computed (the MP-20 "
+            "hull needs mp_20/{train_meta_all,val,test}.csv.xz in --data-dir / $AUTOPERI_DATA)"
+        )
+    return metrics, details
 
 
 def _paired_validity(preds, refs, opts, timer, workers, cache_dir, use_cache, progress):

@@ -156,6 +156,18 @@ PUBLISHED["mp_20"] = {
         },
     }
 }
+#: S.U.N. anchors on MP-20, each under its own protocol (issue 23): not comparable to ours.
+SUN_ANCHORS: list[tuple[str, float, str]] = [
+    ("MatterGen (trained on MP-20)", 0.2227, "DFT relaxation and energies"),
+    ("DiffCSP", 0.3860, "NequIP relaxation, E_hull <= 0.1 eV/atom"),
+    ("Crystalite", 0.4855, "NequIP relaxation, E_hull <= 0.1 eV/atom"),
+]
+_SUN_NOTE = (
+    "Anchors as quoted in the project's issue 23, each under its own protocol (relaxation "
+    "model, hull, reference data, uniqueness / novelty rules differ): not directly "
+    "comparable to the figure here."
+)
+
 _PUBLISHED_NOTE = (
     "Published numbers are copied from the papers' tables as quoted in the project's issue 7 "
     "and were not re-verified against the PDFs; the EMDs there are single unseeded 1,000-sample "
@@ -225,6 +237,86 @@ def _csp_rows(ks) -> list[tuple[str, str, str]]:
     return rows
 
 
+# (metric key, label, kind) of the stability judge (eval.mlip): samples beside reference.
+_STABILITY_ROWS = [
+    ("stability_n", "Structures judged", "int"),
+    ("stability_n_failed", "Relaxations failed", "int"),
+    ("stability_converged_rate", "Converged within the step cap (%)", "pct"),
+    ("stability_steps_mean", "FIRE steps, mean", "num"),
+    ("stability_relaxed_match_rate", "Still matches after relaxation (%)", "pct"),
+    ("stability_rmsd_mean", "Relaxation RMSD, mean over matches", "num"),
+    ("stability_volume_change_mean", "Volume change, mean (relative)", "num"),
+    ("stability_energy_per_atom_mean", "Energy per atom, mean (eV)", "num"),
+    ("stability_energy_per_atom_median", "Energy per atom, median (eV)", "num"),
+    ("stability_formation_energy_mean", "Formation energy per atom, mean (eV)", "num"),
+    ("stability_formation_energy_median", "Formation energy per atom, median (eV)", "num"),
+    ("stability_ehull_below_ref_rate", "E_hull <= reference's {q} quantile (%)", "pct"),
+    ("stability_eform_below_ref_rate", "Formation energy <= reference's {q} quantile (%)", "pct"),
+    ("stability_e_hull_mean", "E_hull, mean (eV/atom)", "num"),
+    ("stability_e_hull_median", "E_hull, median (eV/atom)", "num"),
+    ("stable_rate", "Stable: E_hull <= {thr} eV/atom (%)", "pct"),
+    ("stable_rate_0", "Stable: E_hull <= 0 (%)", "pct"),
+    ("stability_unique_rate", "Unique, relaxed (%)", "pct"),
+    ("stability_novel_rate", "Novel vs train, relaxed (%)", "pct"),
+    ("sun_rate", "S.U.N.: stable (<= {thr}), unique, novel (%)", "pct"),
+    ("sun_rate_0", "S.U.N. with E_hull <= 0 (%)", "pct"),
+]
+
+
+def _stability_section(payload: dict[str, Any]) -> list[str]:
+    m = payload["metrics"]
+    st = payload["details"].get("stability")
+    if not st:
+        return []
+    proto = st["protocol"]
+    thr = proto["stable_threshold_ev_per_atom"]
+    relax = proto["relaxation"]
+    out = [
+        "## Stability (MLIP judge)",
+        "",
+        f"CHGNet {relax['versions'].get('chgnet')} relaxation ({relax['optimizer']} on "
+        f"{relax['cell_filter']}, fmax {relax['fmax']} eV/Å, at most {relax['max_steps']} "
+        f"steps) of {proto['subset']}. Every figure stands beside the same figure for real "
+        "reference crystals scored as samples.",
+        "",
+        "| Metric | samples | reference (real, scored as samples) |",
+        "|---|---:|---:|",
+    ]
+    for key, label, kind in _STABILITY_ROWS:
+        a, b = m.get(key), m.get(f"{key}_reference")
+        if a is None and b is None:
+            continue
+        f = (lambda v: "" if v is None else str(int(v))) if kind == "int" else (
+            lambda v, k=kind: _fmt(v, k)
+        )  # fmt: skip
+        q = payload["options"].get("stability_energy_quantile")
+        out.append(f"| {label.format(thr=thr, q=q)} | {f(a)} | {f(b)} |")
+    out.append("")
+    wall = st.get("wall_s", {})
+    out.append(
+        f"Relaxation wall time: samples {wall.get('samples', 0):.1f} s, reference "
+        f"{wall.get('reference', 0):.1f} s ({st['n_cached']['samples']} / "
+        f"{st['n_cached']['reference']} taken from the cache {proto['cache']})."
+    )
+    out.append("")
+    for k in ("hull", "formation_energy", "e_hull", "rmsd", "stable_rate", "sun_rate",
+              "novelty_train"):  # fmt: skip
+        if proto.get(k):
+            out.append(f"- **{k}**: {proto[k]}")
+    for name, text in (proto.get("below_ref_rate") or {}).items():
+        out.append(f"- **{name}_below_ref_rate**: {text}")
+    out.append("")
+    if payload["options"].get("dataset_name") == "mp_20" and m.get("sun_rate") is not None:
+        out += ["S.U.N. anchors on MP-20:", ""]
+        out += [f"- {n}: {100 * v:.2f} % ({how})" for n, v, how in SUN_ANCHORS]
+        out += [f"- {_SUN_NOTE}", ""]
+    fails = [r for r in st["samples"] + (st.get("reference") or []) if not r.get("ok")]
+    if fails:
+        shown = "; ".join(f"{r['name']}: {r['error']}" for r in fails[:10])
+        out += [f"Failed relaxations ({len(fails)}): {shown}", ""]
+    return out
+
+
 # ------------------------------------------------------------------------------ JSON
 def to_jsonable(x: Any) -> Any:
     """numpy -> Python, NaN / inf -> None (strict JSON), dataclasses -> dicts."""
@@ -286,6 +378,16 @@ _RULES = {
 def _payload(result: EvalResult, inputs: dict[str, Any], wall_time_s: float | None) -> dict:
     opts = result.options
     published = PUBLISHED.get(opts.dataset_name or "", {}).get(opts.task)
+    options = dataclasses.asdict(opts)
+    stability = result.details.get("stability")
+    if stability:  # the judge's protocol beside the other options
+        options["stability_protocol"] = stability["protocol"]
+        if opts.dataset_name == "mp_20":
+            options["stability_protocol"]["sun_anchors"] = {
+                "values": {n: v for n, v, _ in SUN_ANCHORS},
+                "protocols": {n: how for n, _, how in SUN_ANCHORS},
+                "note": _SUN_NOTE,
+            }
     return to_jsonable(
         {
             "schema": SCHEMA,
@@ -293,7 +395,7 @@ def _payload(result: EvalResult, inputs: dict[str, Any], wall_time_s: float | No
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "versions": _versions(),
             "inputs": inputs,
-            "options": opts,
+            "options": options,
             "rules": _RULES,
             "metrics": result.metrics,
             "details": result.details,
@@ -424,9 +526,11 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
     notes = [v for k, v in payload["details"].items() if k.endswith("_note") and v]
     if notes:
         out += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    out += _stability_section(payload)
     out += ["## Protocol", "", "| Option | Value |", "|---|---|"]
     for k, v in opts.items():
-        out.append(f"| {k} | `{json.dumps(v)}` |")
+        if k != "stability_protocol":  # written out in the stability section
+            out.append(f"| {k} | `{json.dumps(v)}` |")
     out.append("")
     out += ["Rules (details in metrics.json `rules`):", ""]
     out += [f"- **{k}**: {v}" for k, v in payload["rules"].items()]

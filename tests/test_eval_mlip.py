@@ -198,3 +198,42 @@ def test_worker_processes_give_the_in_process_result(relaxed_nacl, tmp_path):
     for p, q in zip(pooled, local):
         assert p["energy_per_atom"] == pytest.approx(q["energy_per_atom"], abs=1e-5)
         assert p["steps"] == q["steps"]
+
+
+def test_eval_cli_reports_the_judge_beside_the_reference(chgnet, tmp_path):
+    """`autoperi eval --stability chgnet` on three small stable MP-20 test crystals, as
+    samples, reference and train: every figure has its reference twin, the protocol is in
+    metrics.json, nothing is novel so S.U.N. is 0."""
+    import pandas as pd
+
+    from autoperi_jax.cli import main
+    from autoperi_jax.datasets import resolve_dataset
+
+    df = pd.read_csv(resolve_dataset("mp_20:test"), nrows=400)
+    small = df[(df.e_above_hull == 0) & df.cif.map(lambda c: len(Crystal.from_cif(c).numbers) <= 4)]
+    small.iloc[:3].to_csv(tmp_path / "ref.csv", index=False)
+    out = tmp_path / "out"
+    code = main([
+        "eval", "--task", "gen", "--samples", str(tmp_path / "ref.csv"),
+        "--reference", str(tmp_path / "ref.csv"), "--dataset-name", "mp_20",
+        "--stability", "chgnet", "--stability-samples", "2", "--stability-workers", "0",
+        "--stability-train", str(tmp_path / "ref.csv"), "--stability-hull", "mp_20",
+        "--stability-cache", str(tmp_path / "relax.jsonl"), "--num-draw", "2",
+        "--num-seeds", "1", "--no-plots", "--workers", "1", "--quiet", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    payload = json.loads((out / "metrics.json").read_text())
+    m = payload["metrics"]
+    assert m["stability_n"] == m["stability_n_reference"] == 2
+    for k in ("stability_relaxed_match_rate", "stability_rmsd_mean", "stable_rate",
+              "stable_rate_0", "sun_rate", "sun_rate_0", "stability_energy_per_atom_mean",
+              "stability_formation_energy_median", "stability_ehull_below_ref_rate"):  # fmt: skip
+        assert m[k] is not None and m[f"{k}_reference"] is not None, k
+    assert m["stable_rate"] == 1.0 and m["sun_rate"] == 0.0  # all stable, none novel
+    proto = payload["options"]["stability_protocol"]
+    assert proto["relaxation"]["fmax"] == 0.05 and "45,2" in proto["hull"]
+    assert proto["sun_anchors"]["values"]["MatterGen (trained on MP-20)"] == 0.2227
+    report = (out / "report.md").read_text()
+    assert "## Stability (MLIP judge)" in report and "S.U.N. anchors on MP-20" in report
+    assert "| Stable: E_hull <= 0.1 eV/atom (%) | 100.00 | 100.00 |" in report
+    assert len(mlip.RelaxCache(tmp_path / "relax.jsonl")) >= 2
