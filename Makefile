@@ -5,9 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# The stability extra's torch comes from PyTorch's CPU index (about 190 MB): PyPI's Linux
-# torch is the CUDA build (several GB). TORCH_INDEX= installs from PyPI alone.
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# The stability extra pins torch 2.13.0. Where pip finds its CPU build locally (this
+# project's machines: /opt/wheels) nothing more is needed; elsewhere PyPI's Linux torch is
+# the CUDA build (several GB): `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
+TORCH_INDEX ?=
 
 .PHONY: setup demo test test-slow lint format bench clean
 
