@@ -154,7 +154,7 @@ PUBLISHED["mp_20"] = {
             "values": {"match_rate_k1": 0.6605, "rmse_k1": 0.0329},
             "source": "Crystalite (2026), CSP table (MP-20), as quoted in the CSP issue",
         },
-    }
+    },
 }
 #: S.U.N. anchors on MP-20, each under its own protocol (issue 23): not comparable to ours.
 SUN_ANCHORS: list[tuple[str, float, str]] = [
