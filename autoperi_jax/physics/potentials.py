@@ -36,10 +36,15 @@ with ``sigma_ij = x_ij / 2^(1/6)`` and ``epsilon_ij = D_ij``, with UFF's geometr
 ``x_ij = sqrt(x_i x_j)``, ``D_ij = sqrt(D_i D_j)`` (or Lorentz-Berthelot, arithmetic ``x_ij``).
 UFF parameters describe non-bonded contacts: they are a smooth, cheap "simplified interatomic
 potential", not a model of ionic or covalent bonding (bonded distances sit on the repulsive wall).
+
+Kind ``"born_morse_coulomb"`` (`born_morse_coulomb_pair`: Born-Mayer + Morse + screened
+Coulomb) is the form of the potentials fitted to an MLIP (`autoperi_jax.physics.fitted`,
+``fitted_potential("fitted_chgnet")``): per-element parameters mixed into pair tables.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Literal
 
@@ -53,7 +58,10 @@ from autoperi_jax.physics import elements
 from autoperi_jax.physics.images import DensePairs, dense_pairs
 
 Array = jax.Array
-PotentialKind = Literal["lj", "morse", "soft_sphere"]
+PotentialKind = Literal["lj", "morse", "soft_sphere", "born_morse_coulomb"]
+KINDS = ("lj", "morse", "soft_sphere", "born_morse_coulomb")
+#: Coulomb's constant e^2 / (4 pi eps0) [eV A].
+COULOMB_K = 14.399645478425668
 CutoffMode = Literal["smooth", "shift", "none"]
 
 
@@ -68,10 +76,16 @@ class PairPotential:
             (minimum at ``2^(1/6) sigma``), Morse equilibrium distance, soft-sphere diameter.
         epsilon: ``[119, 119]`` energy scale [eV] (LJ / Morse well depth, soft-sphere stiffness).
         alpha: ``[119, 119]`` Morse range parameter [1/A] or soft-sphere exponent (unused by LJ).
-        kind: ``"lj"``, ``"morse"`` or ``"soft_sphere"``.
+        kind: ``"lj"``, ``"morse"``, ``"soft_sphere"`` or ``"born_morse_coulomb"``
+            (`born_morse_coulomb_pair`; the fitted potentials of `physics.fitted`).
         cutoff: Cutoff radius ``r_c`` [A].
         onset: Switch onset ``r_on`` [A] (``"smooth"`` mode only).
         cutoff_mode: ``"smooth"``, ``"shift"`` or ``"none"`` (see module docstring).
+        extra: ``[3, 119, 119]`` further tables of ``"born_morse_coulomb"``: Born-Mayer
+            prefactor ``A`` [eV], its decay length ``rho`` [A] and the charge product
+            ``q_i q_j`` [e^2]; None for the other kinds.
+        damping: Coulomb damping ``(alpha_c [1/A], 1/w [1/A])`` of ``"born_morse_coulomb"``:
+            long-range Wolf damping and the Gaussian charge width's inverse.
     """
 
     sigma: Array
@@ -81,6 +95,8 @@ class PairPotential:
     cutoff: float = jmd_dataclasses.static_field()
     onset: float = jmd_dataclasses.static_field()
     cutoff_mode: str = jmd_dataclasses.static_field()
+    extra: Array | None = None
+    damping: tuple[float, float] = dataclasses.field(default=(0.2, 2.0), metadata={"static": True})
 
 
 def _tables(value, n: int = elements.N_ELEMENTS) -> np.ndarray:
@@ -88,7 +104,7 @@ def _tables(value, n: int = elements.N_ELEMENTS) -> np.ndarray:
 
 
 def _check(kind: str, cutoff: float, onset: float | None, cutoff_mode: str) -> float:
-    if kind not in ("lj", "morse", "soft_sphere"):
+    if kind not in KINDS:
         raise ValueError(f"unknown potential kind {kind!r}")
     if cutoff_mode not in ("smooth", "shift", "none"):
         raise ValueError(f"unknown cutoff_mode {cutoff_mode!r}")
@@ -250,7 +266,53 @@ def covalent_soft_sphere(
     )
 
 
-def _raw_pair(kind: str, r: Array, sigma: Array, epsilon: Array, alpha: Array) -> Array:
+def _screened_coulomb(r: Array, damping: tuple[float, float]) -> Array:
+    """``g(r) = [erf(b r) - erf(a r)] / r``: Gaussian charges (width ``1/b``), Wolf-damped
+    (``a``); finite at ``r = 0`` (``2 (b - a) / sqrt(pi)``) so opposite charges cannot
+    collapse onto each other."""
+    a, b = damping
+    small = r < 1e-3
+    safe = jnp.where(small, 1.0, r)
+    g = (jax.scipy.special.erf(b * safe) - jax.scipy.special.erf(a * safe)) / safe
+    g0 = 2.0 / jnp.sqrt(jnp.pi) * ((b - a) - (b**3 - a**3) * r * r / 3.0)
+    return jnp.where(small, g0, g)
+
+
+def born_morse_coulomb_pair(
+    r: Array,
+    r0: Array,
+    depth: Array,
+    a: Array,
+    born_a: Array,
+    born_rho: Array,
+    qq: Array,
+    damping: tuple[float, float],
+) -> Array:
+    r"""``V(r) = A e^{-r/\rho} + D[(1 - e^{-a(r - r_0)})^2 - 1] + k_e q_i q_j g(r)`` [eV].
+
+    Born-Mayer repulsion (ionic cores), a Morse bond (covalent / metallic cohesion) and a
+    screened Coulomb term between fixed effective charges (`_screened_coulomb`); ``k_e`` is
+    `COULOMB_K`. Without a cutoff treatment (``pair_energy`` applies it).
+    """
+    ex = jnp.exp(-a * (r - r0))
+    return (
+        born_a * jnp.exp(-r / born_rho)
+        + depth * ((1.0 - ex) ** 2 - 1.0)
+        + COULOMB_K * qq * _screened_coulomb(r, damping)
+    )
+
+
+def _raw_pair(
+    kind: str,
+    r: Array,
+    sigma: Array,
+    epsilon: Array,
+    alpha: Array,
+    extra: tuple[Array, Array, Array] | None = None,
+    damping: tuple[float, float] = (0.2, 2.0),
+) -> Array:
+    if kind == "born_morse_coulomb":
+        return born_morse_coulomb_pair(r, sigma, epsilon, alpha, *extra, damping)
     if kind == "lj":
         return jmd_energy.lennard_jones(r, sigma, epsilon)
     if kind == "morse":
@@ -283,13 +345,17 @@ def pair_energy(potential: PairPotential, r: Array, z_i: Array, z_j: Array) -> A
     sigma = potential.sigma[z_i, z_j].astype(dtype)
     eps = potential.epsilon[z_i, z_j].astype(dtype)
     alpha = potential.alpha[z_i, z_j].astype(dtype)
-    v = _raw_pair(potential.kind, r, sigma, eps, alpha)
+    extra = None
+    if potential.kind == "born_morse_coulomb":
+        extra = tuple(potential.extra[k][z_i, z_j].astype(dtype) for k in range(3))
+    v = _raw_pair(potential.kind, r, sigma, eps, alpha, extra, potential.damping)
     inside = r < potential.cutoff
     if potential.cutoff_mode == "smooth":
         return v * smooth_switch(r, potential.onset, potential.cutoff)
     if potential.cutoff_mode == "shift":
         rc = jnp.full_like(r, potential.cutoff)
-        return jnp.where(inside, v - _raw_pair(potential.kind, rc, sigma, eps, alpha), 0.0)
+        v_rc = _raw_pair(potential.kind, rc, sigma, eps, alpha, extra, potential.damping)
+        return jnp.where(inside, v - v_rc, 0.0)
     return jnp.where(inside, v, 0.0)
 
 

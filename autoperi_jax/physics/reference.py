@@ -16,11 +16,24 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.neighborlist import neighbor_list
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from autoperi_jax.physics.potentials import PairPotential
+from autoperi_jax.physics.potentials import COULOMB_K, PairPotential
 
 
-def _pair_v_dv(kind: str, r, s, e, a):
+def _pair_v_dv(kind: str, r, s, e, a, extra=None, damping=(0.2, 2.0)):
     """Pair energy and its radial derivative in closed form (no cutoff treatment)."""
+    if kind == "born_morse_coulomb":
+        from scipy.special import erf
+
+        born_a, rho, qq = extra
+        ca, cb = damping
+        ex = np.exp(-a * (r - s))
+        bm = born_a * np.exp(-r / rho)
+        g = (erf(cb * r) - erf(ca * r)) / r
+        dg = (
+            2 / np.sqrt(np.pi) * (cb * np.exp(-((cb * r) ** 2)) - ca * np.exp(-((ca * r) ** 2))) - g
+        ) / r
+        v = bm + e * ((1 - ex) ** 2 - 1) + COULOMB_K * qq * g
+        return v, -bm / rho + 2 * e * a * (1 - ex) * ex + COULOMB_K * qq * dg
     if kind == "lj":
         x6 = (s / r) ** 6
         return 4 * e * (x6 * x6 - x6), 4 * e * (-12 * x6 * x6 + 6 * x6) / r
@@ -52,7 +65,10 @@ def pair_energy_and_derivative(potential: PairPotential, r, z_i, z_j):
     e = np.asarray(potential.epsilon, dtype=np.float64)[z_i, z_j]
     a = np.asarray(potential.alpha, dtype=np.float64)[z_i, z_j]
     rc, ro = potential.cutoff, potential.onset
-    v, dv = _pair_v_dv(potential.kind, r, s, e, a)
+    extra = None
+    if potential.extra is not None:
+        extra = tuple(np.asarray(potential.extra[k], np.float64)[z_i, z_j] for k in range(3))
+    v, dv = _pair_v_dv(potential.kind, r, s, e, a, extra, potential.damping)
     inside = r < rc
     if potential.cutoff_mode == "smooth":
         u, rc2, ro2 = r * r, rc * rc, ro * ro
@@ -63,7 +79,7 @@ def pair_energy_and_derivative(potential: PairPotential, r, z_i, z_j):
         dsw = np.where(r < ro, 0.0, np.where(inside, 6 * (rc2 - u) * (ro2 - u) / den * 2 * r, 0))
         return v * sw, dv * sw + v * dsw
     if potential.cutoff_mode == "shift":
-        v_rc, _ = _pair_v_dv(potential.kind, np.full_like(r, rc), s, e, a)
+        v_rc, _ = _pair_v_dv(potential.kind, np.full_like(r, rc), s, e, a, extra, potential.damping)
         return np.where(inside, v - v_rc, 0.0), np.where(inside, dv, 0.0)
     return np.where(inside, v, 0.0), np.where(inside, dv, 0.0)
 
