@@ -196,6 +196,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     register_bench(subparsers)
     _register_reference_stats(subparsers)
     _register_stability(subparsers)
+    from eval import fit_potential
+
+    fit_potential.register(subparsers)
     return p
 
 

@@ -34,8 +34,9 @@ class StabilityOptions:
     """Settings of `phonon_stability` (recorded in metrics.json).
 
     Attributes:
-      potential: ``uff_lj`` (Lennard-Jones) or ``uff_morse``.
-      cutoff: pair cutoff [A].
+      potential: ``uff_lj`` (Lennard-Jones), ``uff_morse``, or a fitted potential: a shipped
+        name (``fitted_chgnet``, `autoperi_jax.physics.fitted`) or a JSON path.
+      cutoff: pair cutoff [A] of the UFF potentials (a fitted one keeps its own).
       relax_steps: FIRE step budget (positions only, cell fixed).
       fmax: FIRE convergence threshold [eV/A].
       mesh: Monkhorst-Pack q-grid added to Gamma.
@@ -62,7 +63,15 @@ def _potential(opts: StabilityOptions):
         return physics.uff_lennard_jones(cutoff=opts.cutoff)
     if opts.potential == "uff_morse":
         return physics.uff_morse(cutoff=opts.cutoff)
-    raise ValueError(f"unknown potential {opts.potential!r}: use 'uff_lj' or 'uff_morse'")
+    from autoperi_jax.physics import fitted
+
+    try:
+        return fitted.load_potential(opts.potential)
+    except FileNotFoundError as e:
+        raise ValueError(
+            f"unknown potential {opts.potential!r}: use 'uff_lj', 'uff_morse', a fitted "
+            f"potential's JSON or one of {fitted.shipped_potentials()}"
+        ) from e
 
 
 def phonon_stability(
@@ -83,7 +92,8 @@ def phonon_stability(
       dict with ``min_omega2`` ``[n]`` THz^2 (NaN where not evaluated), ``stable`` ``[n]``
       bool, ``relax_converged`` ``[n]`` bool, ``evaluated`` ``[n]`` bool, and the scalars
       ``phonon_stable_rate`` (stable / evaluated), ``relax_converged_rate`` and
-      ``n_evaluated``.
+      ``n_evaluated``; ``relaxed_frac``: per crystal the ``[n_atoms, 3]`` relaxed
+      fractional coordinates (None where not evaluated).
     """
     import jax
     import jax.numpy as jnp
@@ -103,6 +113,7 @@ def phonon_stability(
     out_min = np.full(n, np.nan)
     out_conv = np.zeros(n, bool)
     evaluated = np.zeros(n, bool)
+    relaxed: list[np.ndarray | None] = [None] * n
     if todo:
         n_images = tuple(int(max(need[i][a] for i in todo)) for a in range(3))
         n_max = max(crystals[i].num_atoms for i in todo)
@@ -116,7 +127,7 @@ def phonon_stability(
             w2 = physics.min_omega2(
                 r.cell, r.frac, numbers, atom_mask, q, potential=pot, n_images=n_images
             )
-            return w2, r.converged
+            return w2, r.converged, r.frac
 
         fn = jax.jit(jax.vmap(one))
         b = opts.batch_size
@@ -134,7 +145,7 @@ def phonon_stability(
                 numbers[row, : c.num_atoms] = c.numbers
                 am[row, : c.num_atoms] = True
             am[len(idx) :, 0] = True  # padding rows: one H atom in a big box (discarded)
-            w2, conv = jax.device_get(
+            w2, conv, rfrac = jax.device_get(
                 fn(
                     jnp.asarray(cell, jnp.float32),
                     jnp.asarray(frac, jnp.float32),
@@ -145,6 +156,9 @@ def phonon_stability(
             out_min[idx] = w2[: len(idx)]
             out_conv[idx] = conv[: len(idx)]
             evaluated[idx] = np.isfinite(w2[: len(idx)])
+            for row, i in enumerate(idx):
+                if evaluated[i]:
+                    relaxed[i] = np.asarray(rfrac[row, : crystals[i].num_atoms], np.float64)
     stable = evaluated & (np.nan_to_num(out_min, nan=-np.inf) >= -opts.tolerance)
     n_eval = int(evaluated.sum())
     return {
@@ -157,4 +171,5 @@ def phonon_stability(
         if n_eval
         else float("nan"),
         "n_evaluated": float(n_eval),
+        "relaxed_frac": relaxed,
     }
