@@ -160,6 +160,7 @@ class FitSettings:
       trainable: which of ``PARAM_NAMES`` (and ``e0``) are fitted; the others stay fixed.
       cutoff: pair cutoff [A]; onset ``cutoff - 1``.
       damping: Coulomb ``(alpha_c, b)`` [1/A].
+      charge_start: start charges as this share of `formal_charges` (without ``init``).
     """
 
     w_energy: float = 1.0
@@ -170,6 +171,22 @@ class FitSettings:
     trainable: tuple[str, ...] = (*PARAM_NAMES, "e0")
     cutoff: float = 6.0
     damping: tuple[float, float] = (0.2, 2.0)
+    charge_start: float = 0.5
+
+
+def formal_charges() -> np.ndarray:
+    """``[119]`` each element's first common oxidation state (pymatgen; 0 where none)."""
+    import warnings
+
+    from pymatgen.core.periodic_table import Element
+
+    out = np.zeros(elements.N_ELEMENTS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for z in range(1, 104):
+            states = Element.from_Z(z).common_oxidation_states
+            out[z] = states[0] if states else 0.0
+    return out
 
 
 def edge_predict(raw, edges: EdgeSet, cutoff: float, damping) -> tuple[Array, Array, Array]:
@@ -234,6 +251,9 @@ def fit(
     present = present_elements(train)
     if init is None:
         params = default_element_params()
+        # q = 0 is a saddle of the loss (charges enter as products q_i q_j): start from
+        # half the most common oxidation state instead
+        params.charge[:] = settings.charge_start * formal_charges()
         e0 = composition_offsets(train)
     else:
         params, e0 = init.params, init.e0
