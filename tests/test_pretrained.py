@@ -162,15 +162,21 @@ def _flat(d, prefix=""):
 
 # Options that did not exist when the model was trained (their defaults reproduce what the
 # trainer did then) and options that do not change the trained parameters.
-NOT_RECORDED_OK = {"progress", "reuse_flow"}
+# data.data_dir: where the data was on the training machine (None in the bundle).
+NOT_RECORDED_OK = {"progress", "reuse_flow", "data.data_dir"}
 
 
 @pytest.mark.parametrize(
-    "config,recorded",
-    [("perov_5", "train_config.json"), ("flow_perov_5", None)],
+    "name,config,recorded",
+    [
+        ("perov_5", "perov_5", "train_config.json"),
+        ("perov_5", "flow_perov_5", None),
+        ("mp_20", "mp_20", "train_config.json"),
+        ("mp_20", "flow_mp_20", None),
+    ],
 )
-def test_shipped_model_was_trained_with_the_repository_configs(config, recorded):
-    path = pretrained_path("perov_5")
+def test_shipped_model_was_trained_with_the_repository_configs(name, config, recorded):
+    path = pretrained_path(name)
     if recorded:
         saved = json.loads((path / recorded).read_text())
     else:
