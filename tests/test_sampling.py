@@ -222,6 +222,10 @@ def test_candidate_checks_keep_charge_balanced_well_separated_crystals(setup, pl
             np.testing.assert_array_equal(out["composition_valid"], comp if check else True)
             if check:
                 assert np.all(geom[out["geometry_ok"]])
+            if check and not conditioned:
+                # decoded candidates were screened on their composition first: with the
+                # pool's worth of passing proposals, none is returned with a failing one
+                assert out["composition_valid"].all()
             share[check, conditioned] = np.mean(comp & geom)
     for conditioned in (False, True):
         assert share[False, conditioned] < 0.9, share  # without the checks many fail
