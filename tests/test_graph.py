@@ -300,3 +300,20 @@ def test_crystal_to_graph_properties_and_features(perov_test):
 
     np.testing.assert_allclose(feats[:, 1], covalent_radii[c.numbers], atol=1e-6)
     assert make_buckets(np.array([5]), np.array([len(g.senders)]), 1)[-1].fits(5, len(g.senders), 1)
+
+
+def test_first_true_equals_nonzero_with_a_size():
+    """`first_true` (the edge lists' compaction) is ``jnp.nonzero(size=, fill_value=0)``:
+    fewer, as many and more True entries than the size, none at all, and under vmap."""
+    from autoperi_jax.graph import first_true
+
+    rng = np.random.default_rng(0)
+    for p in (0.0, 0.01, 0.2, 0.9):
+        flat = jnp.asarray(rng.uniform(size=500) < p)
+        for size in (1, 7, 100, 600):
+            want = jnp.nonzero(flat, size=size, fill_value=0)[0]
+            np.testing.assert_array_equal(first_true(flat, size), want, err_msg=f"{p} {size}")
+    rows = jnp.asarray(rng.uniform(size=(4, 300)) < 0.1)
+    got = jax.vmap(lambda f: first_true(f, 40))(rows)
+    want = np.stack([np.asarray(jnp.nonzero(r, size=40, fill_value=0)[0]) for r in rows])
+    np.testing.assert_array_equal(got, want)
