@@ -201,7 +201,9 @@ def coordinate_loss(
     guess = None
     if settings.flow_prior == "learned":
         numbers = jnp.pad(dense.numbers, ((0, 0), (0, A_max - A)))
-        guess = model.apply(params, z, numbers, method=Autoencoder.guess_coordinates)[:, :A]
+        z_guess = jax.lax.stop_gradient(z) if settings.guess_stop_gradient else z
+        guess = model.apply(params, z_guess, numbers, method=Autoencoder.guess_coordinates)
+        guess = guess[:, :A]  # [G, A, 3]
         x1g = couple(
             jax.lax.stop_gradient(guess), dense.frac, dense.numbers, amask, dense.cell, settings
         )

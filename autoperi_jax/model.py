@@ -131,6 +131,12 @@ class ModelSettings:
       prior_noise: std of the noise added to the learned prior.
       lambda_guess: weight of the guess loss (min over translations and same-species
         pairings of the squared periodic error) inside ``L_coord``.
+      guess_stop_gradient: the guess loss trains the `CoordinateGuess` only, not the
+        encoder: the guess reads ``stop_gradient(z)``. On MP-20 the guess cannot place
+        20 slot-ordered atoms from z and its loss stays high; measured on the shipped
+        mp_20 model (3 batches of 64 validation crystals), its gradient on the encoder's
+        z_comp head had norm 100 against the composition loss's 9 and the flow loss's
+        0.5, so the composition code was shaped by the guess.
       beta_phys: weight beta of ``L_phys`` (method section 2.5) on the decoder's one-shot
         structure (the `CoordinateGuess` on the true cell and species; needs
         ``flow_prior='learned'`` and a ``phys_fn`` in `autoperi_jax.loss.make_loss_fn`);
@@ -162,6 +168,7 @@ class ModelSettings:
     flow_prior: str = "learned"
     prior_noise: float = 0.03
     lambda_guess: float = 1.0
+    guess_stop_gradient: bool = False
     beta_phys: float = 0.0
 
 

@@ -76,6 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.objective.flow_prior = "learned"
     c.objective.prior_noise = 0.03
     c.objective.lambda_guess = 1.0
+    c.objective.guess_stop_gradient = False
     # Total loss L_recon + beta_phys * L_phys (alpha * L_gen is the separate latent-flow
     # stage); L_phys acts on the decoder's one-shot structure (train.trainer.make_phys_fn).
     c.objective.beta_phys = 0.0
