@@ -55,6 +55,10 @@ class EvalOptions:
         the cells as written.
       unique_novel_on: samples considered for uniqueness / novelty: ``valid`` or
         ``constructed``.
+      uniqueness: compute uniqueness (and, with a train split, the unique-and-novel
+        share). False for one-element data such as Carbon-24: every sample has the same
+        reduced formula, so the greedy matcher compares each with every distinct one
+        before it (CDVAE's Carbon-24 protocol reports validity, coverage and EMDs only).
       novelty_distance: with a train split, also the mean fingerprint distance of the
         samples to their nearest training crystal (``novelty_distance_struct`` /
         ``_comp``). It fingerprints the whole train split (about 25 CPU-minutes for
@@ -105,6 +109,7 @@ class EvalOptions:
     lattice_cell: str = "niggli"
     unique_novel_on: str = "valid"
     novelty_distance: bool = True
+    uniqueness: bool = True
     property: str | None = None
     property_source: str = "values stored with the samples and with the reference set"
     target: float | None = None
@@ -393,11 +398,14 @@ def _evaluate_gen(
 
     # Uniqueness / novelty.
     considered = valid if opts.unique_novel_on == "valid" else sf.constructed
-    with timer("uniqueness"):
-        u = M.uniqueness(
-            samples.crystals, sf.formula, considered, opts.novelty_tolerances, workers, progress
-        )
-        metrics["uniqueness"] = u["uniqueness"]
+    u = None
+    if opts.uniqueness:
+        with timer("uniqueness"):
+            u = M.uniqueness(
+                samples.crystals, sf.formula, considered, opts.novelty_tolerances, workers,
+                progress,
+            )  # fmt: skip
+            metrics["uniqueness"] = u["uniqueness"]
     if train is not None:
         with timer("novelty"):
             tcrys = [c for c in train.crystals if c is not None]
@@ -407,10 +415,11 @@ def _evaluate_gen(
                 opts.novelty_tolerances, workers, progress,
             )  # fmt: skip
             metrics["novelty"] = nv["novelty"]
-            un = considered & u["is_first"] & nv["is_novel"]
-            metrics["unique_novel_rate"] = (
-                float(un.sum() / considered.sum()) if considered.any() else 0.0
-            )
+            if u is not None:
+                un = considered & u["is_first"] & nv["is_novel"]
+                metrics["unique_novel_rate"] = (
+                    float(un.sum() / considered.sum()) if considered.any() else 0.0
+                )
             # P1 (no symmetry found by spglib at opts.symprec) among the novel samples: the
             # field's generators put 25-48 % of their novel MP-20 samples there, the data 1.5 %
             novel = considered & nv["is_novel"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy.stats import wasserstein_distance
@@ -167,3 +169,10 @@ def test_novel_p1_share_is_spglibs_p1_share_of_the_novel_samples(mixed_subset):
     p1 = sum(g == "P1" for g in groups)
     assert p1 > 0 and p1 < len(groups)  # both kinds present: the check can fail
     assert res.metrics["novel_p1_share"] == pytest.approx(p1 / len(groups))
+    # --no-uniqueness (one-element data): no uniqueness figures, every other one unchanged
+    opts = dataclasses.replace(opts, uniqueness=False)
+    res2 = evaluate(samples, mixed_subset, opts, train=train, workers=1, progress=False)
+    assert {"uniqueness", "unique_novel_rate"} <= set(res.metrics)
+    assert not {"uniqueness", "unique_novel_rate"} & set(res2.metrics)
+    for k in ("validity", "cov_recall", "cov_precision", "novelty", "novel_p1_share"):
+        assert res2.metrics[k] == res.metrics[k], k
