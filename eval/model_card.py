@@ -148,6 +148,11 @@ COMMAND_OVERRIDES = {
             "autoperi eval --task gen --samples gen.extxyz --reference mp_20:test "
             "--train mp_20:train_partial --no-novelty-distance --out OUT",
         ),
+        "gen_raw": (
+            COMMANDS["gen_raw"][0],
+            "autoperi eval --task gen --samples raw.extxyz --reference mp_20:test "
+            "--train mp_20:train_partial --no-novelty-distance --no-plots --out OUT",
+        ),
     },
 }
 
