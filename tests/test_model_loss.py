@@ -1,5 +1,7 @@
 """Losses and decoding: masking, padding independence, finite gradients, valid output."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,25 +156,19 @@ def test_named_terms_called_alone_sum_to_the_loss(setup):
 
 
 def test_guess_stop_gradient_keeps_the_guess_loss_out_of_the_encoder(setup):
-    """With ``guess_stop_gradient`` the guess loss trains the coordinate guess and leaves
-    the encoder untouched; without it both move (the weights of every other term are 0,
-    so only the guess loss is differentiated)."""
-    import dataclasses
-
+    """With ``guess_stop_gradient`` the guess loss (``l_guess``, differentiated alone)
+    trains the coordinate guess and leaves the encoder untouched; without it both move."""
     model, settings, norm, graphs, batch, params, loss_fn, grad_fn = setup
-    zero = dict(lambda_lattice=0.0, lambda_atom=0.0, lambda_connect=0.0, z_l2=0.0)
 
     def guess_only(params, batch, key, stop):
-        s = dataclasses.replace(settings, guess_stop_gradient=stop, **zero)
-        _, m = make_loss_fn(model, s, norm)(params, batch, key)
-        return m["l_guess"]
+        s = dataclasses.replace(settings, guess_stop_gradient=stop)
+        return make_loss_fn(model, s, norm)(params, batch, key)[1]["l_guess"]
 
+    def norm_of(tree):
+        return float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(tree))))
+
+    grad = jax.jit(jax.grad(guess_only), static_argnums=3)
     for stop in (False, True):
-        g = jax.jit(jax.grad(guess_only), static_argnums=3)(
-            params, batch, jax.random.PRNGKey(1), stop
-        )["params"]
-        norm_of = lambda tree: float(  # noqa: E731
-            jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(tree)))
-        )
+        g = grad(params, batch, jax.random.PRNGKey(1), stop)["params"]
         assert norm_of(g["coordinate_guess"]) > 0, stop
         assert (norm_of(g["encoder"]) == 0.0) == stop, stop
