@@ -26,14 +26,11 @@ def get_config() -> ml_collections.ConfigDict:
     c = mp_20_config()
     c.data.dataset = "carbon_24"
     c.data.properties = ("energy_per_atom",)
-    c.data.cutoff = 6.0
-    c.data.max_neighbors = 16
-    c.data.atom_buckets = 3  # 6-24 atoms
+    c.data.max_neighbors = 16  # cut-off 6 A and 3 atom-count classes, as MP-20
 
     c.model.max_atoms = 24
     c.model.enc_avg_neighbors = 16.0
     c.model.dec_avg_neighbors = 16.0
-    c.model.latent_lattice = 8
     c.model.latent_comp = 8
     c.model.latent_struct = 88
 
@@ -41,7 +38,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.objective.connect_edges_per_crystal = 24 * 20
     c.objective.ot_max_atoms = 24  # exact same-species pairing (Hungarian, in jit)
 
-    c.batch_size = 64
     c.num_train_steps = 6000
     c.warmup_steps = 500
     c.eval_every = 1000
