@@ -93,7 +93,8 @@ class ModelSettings:
       max_atoms: atom slots A (must match the model's ``max_atoms``).
       flow_cutoff: cutoff (A) of the velocity field's in-jit neighbour list (= the
         model's ``dec_cutoff``).
-      flow_max_shift: image range per axis of that list (`dense_neighbor_list`).
+      flow_max_shift: image range per axis of that list's fallback (each pair otherwise
+        enumerates the images its cell needs; `periodic_candidates`).
       flow_edges_per_crystal: average edge budget per crystal of that list (the batch
         holds ``G * flow_edges_per_crystal`` slots; `periodic_candidates`).
       connect_cutoff, connect_max_shift, connect_edges_per_crystal: the same for bond

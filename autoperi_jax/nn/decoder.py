@@ -17,7 +17,7 @@
   fractional units with the inverse cell, so it is rotation equivariant in Cartesian space
   and invariant in fractional space.
 * `ConnectivityDecoder`: a symmetric edge classifier over candidate periodic edges
-  (i, j, k_ij) of the decoded structure (`autoperi_jax.graph.dense_neighbor_list`).
+  (i, j, k_ij) of the decoded structure (`autoperi_jax.graph.periodic_candidates`).
 """
 
 from __future__ import annotations
