@@ -853,7 +853,7 @@ def periodic_candidates(
             distances=jnp.where(emask, r[idx], 0.0),
             mask=emask,
             edge_graph=jnp.where(emask, ge, 0).astype(jnp.int32),
-            num_edges=jax.ops.segment_sum(keep.astype(jnp.int32), g, G),
+            num_edges=jax.ops.segment_sum(keep.astype(jnp.int32), g, G).astype(jnp.int32),
             complete=jnp.ones((G,), bool),
             overflow=jnp.sum(keep) > budget,
         )
@@ -909,7 +909,7 @@ def _range_candidates(
     d = frac[g, j] + k[s] - frac[g, i]  # [M, 3]
     r = safe_norm(jnp.einsum("ma,mab->mb", d, cell[g]))  # [M]
     emask = selected & (r < cutoff)
-    num = jnp.sum(pair_ok & (r2 < cutoff**2), axis=(1, 2, 3))  # [G]
+    num = jnp.sum(pair_ok & (r2 < cutoff**2), axis=(1, 2, 3)).astype(jnp.int32)  # [G]
     recip_norms = jnp.linalg.norm(jnp.linalg.inv(cell), axis=1)  # [G, 3]
     complete = jnp.all(jnp.floor(cutoff * recip_norms) + 1 <= max_shift, axis=-1)
     return CandidateEdges(

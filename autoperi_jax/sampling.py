@@ -112,10 +112,11 @@ class SamplerSettings:
         (`autoperi_jax.physics.covalent_soft_sphere`).
       n_images: static image stencil of the constraint layer; (2, 2, 2) covers the
         largest soft-sphere diameter (2.9 A) for cell heights down to 1.5 A.
-      constraint_max_neighbors: pairs per atom in the constraint layer's neighbour lists
-        (`autoperi_jax.physics.batched_repulsive_constraint`: built once per crystal; a
-        crystal with more pairs in reach, or whose atoms moved half the skin, is redone
-        on the dense stencil, so the result is the dense layer's).
+      constraint_max_neighbors: edge slots per atom slot in the constraint layer's
+        neighbour list (`autoperi_jax.physics.batched_repulsive_constraint`: one list of
+        the batch, built at the start; a crystal that lost edges to a full list, or whose
+        atoms moved far enough that an unlisted pair could touch, is redone on the dense
+        stencil, so the result is the dense layer's).
       symmetrize_iter: matching + averaging rounds of `autoperi_jax.symmetry.symmetrize`.
       symmetry_setting: ``"conventional"`` or ``"primitive"`` cells (`symmetrize`).
       guidance: w of latent guidance: z = f(u | null) + w (f(u | c) - f(u | null)) with
@@ -353,11 +354,11 @@ def make_sample_fn(
     """
     # lazy: jax-md computes at import (7.5 s); the Generator API loads without it
     from autoperi_jax.physics import (
+        batched_min_distance_ratio,
         batched_repulsive_constraint,
         composition_valid,
         covalent_soft_sphere,
         min_distance,
-        min_distance_ratio,
     )
 
     settings = decoding_settings(settings, sampler)
@@ -468,11 +469,15 @@ def make_sample_fn(
             frac = constrain(cell, frac, numbers, mask)
         frac = jnp.where(mask[..., None], frac, 0.0)
         if sampler.accept_min_ratio > 0:
-            ratio = jax.vmap(
-                lambda c, f, z, m: min_distance_ratio(
-                    c, f, z, m, n_images=n_images, potential=contact
-                )
-            )(cell, frac, numbers, mask)
+            ratio = batched_min_distance_ratio(
+                cell,
+                frac,
+                numbers,
+                mask,
+                n_images=n_images,
+                potential=contact,
+                upto=max(1.0, sampler.accept_min_ratio),
+            )
             geometry_ok = ratio >= sampler.accept_min_ratio
         else:
             geometry_ok = jnp.ones((n,), bool)

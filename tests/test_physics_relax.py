@@ -103,11 +103,11 @@ def test_repulsive_constraint_removes_overlaps_and_is_identity_on_valid(x64):
 
 
 def test_batched_constraint_on_neighbour_lists_equals_the_dense_layer(x64):
-    """`batched_repulsive_constraint` (neighbour lists built once) returns the dense
-    layer's result: on crowded random structures whose lists are complete, and through the
-    dense fallback when a list is too short (``max_neighbors`` 4) or the skin too thin
-    (0.2 A) for the distance the atoms move; a structure whose list is called complete
-    equals the dense result in every setting."""
+    """`batched_repulsive_constraint` (one neighbour list built at the start) returns the
+    dense layer's result: on crowded random structures whose lists are complete, and
+    through the dense fallback when the list is too short (1 slot per atom: it overflows)
+    or the skin too thin (0.05 A) for the distance the atoms move; a structure whose list
+    is called complete equals the dense result in every setting."""
     from autoperi_jax.physics.relax import _listed_constraint
 
     rng = np.random.default_rng(3)
@@ -133,13 +133,11 @@ def test_batched_constraint_on_neighbour_lists_equals_the_dense_layer(x64):
     def listed(**kw):
         opts = dict(n_images=ni, n_steps=20, step_size=0.4,
                     potential=physics.covalent_soft_sphere(), **kw)  # fmt: skip
-        return jax.vmap(lambda c, f, zz, m: _listed_constraint(c, f, zz, m, **opts))(
-            cell, frac, z, mask
-        )
+        return _listed_constraint(cell, frac, z, mask, **opts)
 
     out, complete = listed(max_neighbors=400, skin=4.0)  # atoms move up to 1.5 A here
     assert bool(jnp.all(complete)) and close(out) < 1e-10
-    for kw in (dict(max_neighbors=4), dict(skin=0.2)):
+    for kw in (dict(max_neighbors=1), dict(skin=0.05)):
         out, complete = listed(**{"max_neighbors": 400, "skin": 4.0, **kw})
         complete = np.asarray(complete)
         assert not complete.all(), kw
@@ -153,6 +151,43 @@ def test_batched_constraint_on_neighbour_lists_equals_the_dense_layer(x64):
             assert close(out) < 1e-10, (kw, redo)
     out = physics.batched_repulsive_constraint(cell, frac, z, mask, n_images=ni)
     assert close(out) < 1e-10
+
+
+def test_batched_min_distance_ratio_equals_the_dense_check_capped(x64):
+    """`batched_min_distance_ratio` (one edge list within ``upto`` x the largest d_ij)
+    equals ``min(upto, min_distance_ratio)`` on random structures with crowded and
+    coincident atoms, one atom alone in a 1.9 A cell and padding, on the list and through
+    its dense fallback (1 slot per atom: the list overflows)."""
+    rng = np.random.default_rng(5)
+    ni = (2, 2, 2)
+    b, n = 10, 6
+    cell = np.diag([4.0, 4.4, 5.0]) + 0.3 * rng.normal(size=(b, 3, 3))
+    cell[0] = np.diag([1.9, 3.0, 3.2])  # one atom, images 1.9 A apart
+    frac = rng.uniform(size=(b, n, 3))
+    frac[2, 1] = frac[2, 0]  # coincident atoms: ratio 0
+    frac[3, 1] = frac[3, 0] + 0.02  # a crowded pair
+    z = rng.choice([1, 8, 22, 38, 55], size=(b, n))
+    mask = np.arange(n)[None] < rng.integers(2, n + 1, size=(b, 1))
+    mask[0] = np.arange(n) < 1
+    mask[-1] = False  # a padding structure
+    args = tuple(jnp.asarray(x) for x in (cell, frac, z, mask))
+    contact = physics.covalent_soft_sphere(fraction=1.0)
+    dense = np.array(
+        [
+            float(physics.min_distance_ratio(*(a[g] for a in args), n_images=ni, potential=contact))
+            for g in range(b - 1)
+        ]
+    )
+    assert dense[2] == 0.0 and dense.min() < 0.5 < 1.0 < dense.max()  # the cases are there
+    for upto in (1.0, 1.3):
+        for slots in (64, 1):
+            got = np.asarray(
+                physics.batched_min_distance_ratio(
+                    *args, n_images=ni, potential=contact, upto=upto, max_neighbors=slots
+                )
+            )
+            np.testing.assert_allclose(got[:-1], np.minimum(dense, upto), rtol=1e-9)
+            assert got[-1] == upto  # no atoms, no contact
 
 
 def test_min_distance_and_ratio_match_ase_and_flag_coincident_atoms(x64):

@@ -19,7 +19,8 @@ Main entry points:
   ``forces``, ``stress``, ``batch_energy``, ``batch_energy_forces_stress``.
 * Relaxation: ``relax``, ``batch_relax`` (jax-md FIRE, optional cell), and the sampler's
   constraint layer ``repulsive_constraint`` (batched on neighbour lists:
-  ``batched_repulsive_constraint``; + ``min_distance``, ``min_distance_ratio``).
+  ``batched_repulsive_constraint``; + ``min_distance``, ``min_distance_ratio``, and
+  ``batched_min_distance_ratio`` on a neighbour list).
 * Phonons: ``force_constant_blocks``, ``dynamical_matrices``, ``phonon_frequencies``,
   ``min_omega2``, ``stability_loss``, ``monkhorst_pack``, ``gamma_and_mp_grid``.
 * Chemistry: ``coordination_numbers``, ``ionic_roles``, ``chem_loss``, ``ideal_cn_table``,
@@ -85,6 +86,7 @@ from autoperi_jax.physics.reference import NumpyPairCalculator, phonopy_from_ato
 from autoperi_jax.physics.relax import (
     RelaxResult,
     batch_relax,
+    batched_min_distance_ratio,
     batched_repulsive_constraint,
     min_distance,
     min_distance_ratio,
@@ -106,6 +108,7 @@ __all__ = [
     "batch_energy_forces_stress",
     "batch_physics_losses",
     "batch_relax",
+    "batched_min_distance_ratio",
     "batched_repulsive_constraint",
     "cell_heights",
     "cell_volume",

@@ -270,10 +270,10 @@ def repulsive_constraint(
 
 
 def _listed_constraint(
-    cell: Array,  # [3, 3]
-    frac: Array,  # [N, 3]
-    numbers: Array,  # [N] int
-    mask: Array,  # [N] bool
+    cell: Array,  # [B, 3, 3]
+    frac: Array,  # [B, N, 3]
+    numbers: Array,  # [B, N] int
+    mask: Array,  # [B, N] bool
     *,
     n_images: tuple[int, int, int],
     n_steps: int,
@@ -282,58 +282,60 @@ def _listed_constraint(
     max_neighbors: int,
     skin: float,
 ) -> tuple[Array, Array]:
-    """`repulsive_constraint` on a neighbour list built once (one structure).
+    """`repulsive_constraint` of a batch on one edge list built at the start.
 
-    Every atom keeps its ``max_neighbors`` nearest (atom, image) pairs among those closer
-    than ``d_ij + skin`` at the start; the steps then only evaluate these (Cartesian
-    positions, images fixed), ``max_neighbors`` pairs per atom instead of ``N S``. A pair
-    left off the list (farther than ``d_ij + skin``, or cut by the capacity) comes closer
-    by at most the sum of its two atoms' largest displacements over the steps; while that
-    keeps it at ``d_ij`` or more it exerts no force, and the listed steps are exactly the
-    dense ones. (A bound per pair, not the global ``skin / 2`` of molecular dynamics: the
-    sampler's overlapping candidates move atoms by more than 0.5 A, nearly always where
-    no unlisted pair is near; 9 % of MP-20 candidates failed the global rule, 1 % this.)
+    The list holds every (i, j, k) closer than ``R = potential.cutoff + skin`` (the
+    largest ``d_ij`` plus the skin), for the whole batch in ``B N max_neighbors`` slots
+    (`autoperi_jax.graph.periodic_candidates`: each pair enumerates the images its cell
+    needs); the steps then evaluate these pairs only (Cartesian positions, images fixed).
+    A pair with no image on the list is at ``R`` or farther at the start and comes closer
+    by at most the sum of its two atoms' largest displacements over the steps; while
+    that keeps it at ``d_ij`` or more it exerts no force, and the listed steps are
+    exactly the dense ones. (A bound per pair, not the global ``skin / 2`` of molecular
+    dynamics: the sampler's overlapping candidates move atoms by more than 0.5 A.)
 
     Returns:
-      (frac [N, 3] wrapped, complete []): ``complete`` is False when an unlisted pair
-      could have come closer than ``d_ij`` (its starting margin over ``d_ij`` is below the
-      two atoms' largest displacements); the result equals the dense layer's otherwise
-      (up to float rounding).
+      (frac [B, N, 3] wrapped, complete [B]): ``complete`` is False where a pair off the
+      list could have come closer than ``d_ij`` (``R - d_ij`` below its two atoms'
+      largest displacements), where the batch's list overflowed and cut this crystal's
+      edges, or where the list's fallback range missed the cell; the result equals the
+      dense layer's otherwise (up to float rounding).
     """
-    pairs = dense_pairs(cell, frac, mask, n_images)  # [N, N, S]
-    n, _, n_shift = pairs.dist.shape
-    d_ij = potential.sigma[numbers[:, None], numbers[None, :]].astype(frac.dtype)  # [N, N]
-    near = pairs.valid & (pairs.dist < d_ij[..., None] + skin)  # [N, N, S]
-    score = jnp.where(near, -pairs.dist, -jnp.inf).reshape(n, n * n_shift)
-    k = min(max_neighbors, n * n_shift)
-    best, slot = jax.lax.top_k(score, k)  # [N, K]
-    listed = jnp.isfinite(best)  # [N, K]
-    # the closest unlisted image of each pair, as a margin over d_ij
-    on_list = jnp.zeros((n, n * n_shift), bool).at[jnp.arange(n)[:, None], slot].set(listed)
-    off = pairs.valid & ~on_list.reshape(n, n, n_shift)  # [N, N, S]
-    margin = jnp.min(jnp.where(off, pairs.dist, jnp.inf), -1) - d_ij  # [N, N]
-    j, shift = slot // n_shift, slot % n_shift  # [N, K]
-    shift_cart = jnp.asarray(pairs.shifts, frac.dtype)[shift] @ cell  # [N, K, 3]
-    z_i, z_j = numbers[:, None], numbers[j]  # [N, 1], [N, K]
-    x0 = wrap_frac(frac) @ cell  # [N, 3] positions the images refer to
+    from autoperi_jax.graph import periodic_candidates  # the in-jit neighbour list
+
+    B, N = mask.shape
+    radius = float(potential.cutoff) + skin
+    f0 = wrap_frac(frac)
+    cand = periodic_candidates(f0, cell, mask, radius, max(n_images), N * max_neighbors)
+    recv, send, edge_graph = cand.receivers, cand.senders, cand.edge_graph  # [M]
+    shift_cart = jnp.einsum("ea,eab->eb", cand.shifts.astype(frac.dtype), cell[edge_graph])
+    flat_numbers = numbers.reshape(-1)
+    z_i, z_j = flat_numbers[recv], flat_numbers[send]  # [M]
+    flat_mask = mask.reshape(-1)  # [B N]
+    x0 = jnp.einsum("bna,bac->bnc", f0, cell).reshape(-1, 3)  # [B N, 3]
 
     def e_cart(x):
-        vec = x[j] - x[:, None, :] + shift_cart  # [N, K, 3]
+        vec = x[send] - x[recv] + shift_cart  # [M, 3]
         r2 = jnp.sum(vec * vec, -1)
-        ok = listed & (r2 > 1e-12)
+        ok = cand.mask & (r2 > 1e-12)
         v = pair_energy(potential, jnp.sqrt(jnp.where(ok, r2, 1.0)), z_i, z_j)
         return 0.5 * jnp.sum(jnp.where(ok, v, 0.0))
 
     def body(_, carry):
-        x, far = carry  # [N, 3], [N] largest squared displacement so far
+        x, far = carry  # [B N, 3], [B N] largest squared displacement so far
         g = jax.grad(e_cart)(x)
-        x = x - step_size * jnp.where(mask[:, None], g, 0.0)
+        x = x - step_size * jnp.where(flat_mask[:, None], g, 0.0)
         return x, jnp.maximum(far, jnp.sum((x - x0) ** 2, -1))
 
-    x, far = jax.lax.fori_loop(0, n_steps, body, (x0, jnp.zeros((n,), x0.dtype)))
-    reach = jnp.sqrt(jnp.where(mask, far, 0.0))  # [N]
-    complete = jnp.all(margin > reach[:, None] + reach[None, :])
-    return wrap_frac(x @ jnp.linalg.inv(cell)), complete
+    x, far = jax.lax.fori_loop(0, n_steps, body, (x0, jnp.zeros_like(x0[:, 0])))
+    reach = jnp.sqrt(jnp.where(flat_mask, far, 0.0)).reshape(B, N)
+    d_ij = potential.sigma[numbers[:, :, None], numbers[:, None, :]].astype(frac.dtype)
+    pair_real = mask[:, :, None] & mask[:, None, :]  # [B, N, N]
+    safe = ~pair_real | (radius - d_ij > reach[:, :, None] + reach[:, None, :])
+    kept = jax.ops.segment_sum(cand.mask.astype(jnp.int32), edge_graph, B)  # [B]
+    complete = jnp.all(safe, axis=(1, 2)) & cand.complete & (kept == cand.num_edges)
+    out = jnp.einsum("bna,bac->bnc", x.reshape(B, N, 3), jnp.linalg.inv(cell))
+    return wrap_frac(out), complete
 
 
 def batched_repulsive_constraint(
@@ -350,22 +352,22 @@ def batched_repulsive_constraint(
     skin: float = 1.0,
     redo_fraction: float = 1 / 16,
 ) -> Array:
-    """`repulsive_constraint` over a batch, on neighbour lists, with the same result.
+    """`repulsive_constraint` over a batch, on a neighbour list, with the same result.
 
-    Each structure runs on a neighbour list built at the start (its ``max_neighbors``
-    nearest pairs within ``d_ij + skin``; ~20x fewer pair evaluations than the dense
-    stencil for 5-atom cells). Structures whose list may have missed a contact (an
-    unlisted pair whose margin over ``d_ij`` is below its atoms' displacements: strongly
-    overlapping candidates) are redone with
-    the dense layer: up to ``ceil(redo_fraction B)`` of them gathered into a small batch,
-    all B if there are more (``lax.cond`` outside the batch: each costs only when needed,
-    unless this function is itself vmapped).
+    The batch runs on one edge list built at the start (every pair within the largest
+    ``d_ij`` plus ``skin``, each pair over the images its cell needs; `_listed_constraint`):
+    the pairs in reach instead of every pair x the ``n_images`` stencil. Structures whose
+    list may have missed a contact (a pair off the list whose distance to ``d_ij`` is
+    below its atoms' displacements: strongly overlapping candidates), or lost edges to a
+    full list, are redone with the dense layer: up to ``ceil(redo_fraction B)`` of them
+    gathered into a small batch, all B if there are more (``lax.cond`` outside the batch:
+    each costs only when needed, unless this function is itself vmapped).
 
     Args:
         cell, frac, numbers, atom_mask: a batch of padded structures.
         n_images, n_steps, step_size, potential: as `repulsive_constraint`.
-        max_neighbors: static pairs per atom in the list.
-        skin: distance beyond ``d_ij`` within which pairs are listed [A].
+        max_neighbors: static edge slots per atom slot in the batch's list.
+        skin: distance beyond the largest ``d_ij`` within which pairs are listed [A].
         redo_fraction: size of the small dense batch, as a fraction of B (static).
 
     Returns:
@@ -374,8 +376,9 @@ def batched_repulsive_constraint(
     if potential is None:
         potential = covalent_soft_sphere()
     opts = dict(n_images=n_images, n_steps=n_steps, step_size=step_size, potential=potential)
-    listed = partial(_listed_constraint, max_neighbors=max_neighbors, skin=skin, **opts)
-    out, complete = jax.vmap(listed)(cell, frac, numbers, atom_mask)  # [B, N, 3], [B]
+    out, complete = _listed_constraint(
+        cell, frac, numbers, atom_mask, max_neighbors=max_neighbors, skin=skin, **opts
+    )  # [B, N, 3], [B]
     dense = jax.vmap(partial(repulsive_constraint, **opts))
     n_redo = max(1, min(cell.shape[0], math.ceil(redo_fraction * cell.shape[0])))
     rows = jnp.argsort(complete, stable=True)[:n_redo]  # [n_redo] incomplete ones first
@@ -469,3 +472,60 @@ def min_distance_ratio(
         potential = covalent_soft_sphere()
     d = potential.sigma[numbers[:, None], numbers[None, :]].astype(frac.dtype)  # [N, N]
     return _min_scaled_distance(cell, frac, atom_mask, n_images, d)
+
+
+def batched_min_distance_ratio(
+    cell: Array,  # [B, 3, 3]
+    frac: Array,  # [B, N, 3]
+    numbers: Array,  # [B, N] int
+    atom_mask: Array,  # [B, N] bool
+    *,
+    n_images: tuple[int, int, int],
+    potential: PairPotential | None = None,
+    upto: float = 1.0,
+    max_neighbors: int = 64,
+) -> Array:
+    """`min_distance_ratio` of a batch, capped at ``upto``: ``min(upto, min r_ij / d_ij)``.
+
+    A ratio below ``upto`` needs a pair closer than ``upto * d_ij``, so one edge list of
+    the batch within ``upto`` x the largest ``d_ij`` (`autoperi_jax.graph.
+    periodic_candidates`, ``B N max_neighbors`` slots, each pair over the images its cell
+    needs) finds it, instead of every pair x the ``n_images`` stencil. If the list lost
+    edges (a full list, or a cell its fallback range misses), the whole batch is computed
+    on the dense stencil instead (``lax.cond``), so the result is the same either way.
+
+    Args:
+        cell, frac, numbers, atom_mask: a batch of padded structures.
+        n_images: the dense stencil (and the list's fallback range).
+        potential: Soft-sphere table; default ``covalent_soft_sphere()``.
+        upto: the cap (static); the sampler's acceptance threshold needs ``upto >= it``.
+        max_neighbors: static edge slots per atom slot in the list.
+
+    Returns:
+        ``[B]``; ``upto`` where no pair is closer than ``upto * d_ij``.
+    """
+    from autoperi_jax.graph import periodic_candidates  # the in-jit neighbour list
+
+    if potential is None:
+        potential = covalent_soft_sphere()
+    B, N = atom_mask.shape
+    cand = periodic_candidates(
+        wrap_frac(frac),
+        cell,
+        atom_mask,
+        upto * float(potential.cutoff),
+        max(n_images),
+        N * max_neighbors,
+    )
+    flat = numbers.reshape(-1)
+    d = potential.sigma[flat[cand.receivers], flat[cand.senders]].astype(frac.dtype)  # [M]
+    ratio = jnp.where(cand.mask, cand.distances / d, jnp.inf)
+    listed = jnp.minimum(jax.ops.segment_min(ratio, cand.edge_graph, B), upto)  # [B]
+    kept = jax.ops.segment_sum(cand.mask.astype(jnp.int32), cand.edge_graph, B)
+    exact = jnp.all(cand.complete & (kept == cand.num_edges))
+
+    def dense(_):
+        one = partial(min_distance_ratio, n_images=n_images, potential=potential)
+        return jnp.minimum(jax.vmap(one)(cell, frac, numbers, atom_mask), upto)
+
+    return jax.lax.cond(exact, lambda _: listed, dense, None)
