@@ -809,6 +809,7 @@ def periodic_candidates(
     import jax
     import jax.numpy as jnp  # lazy: host-only users (data workers, the CLI) skip jax (0.6 s)
 
+    frac, cell, mask = jnp.asarray(frac), jnp.asarray(cell), jnp.asarray(mask)
     if candidates_per_edge <= 0:
         return _range_candidates(frac, cell, mask, cutoff, max_shift, edges_per_crystal)
     G, A = mask.shape

@@ -28,6 +28,7 @@ last step lands on the predicted structure.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -142,6 +143,11 @@ class ModelSettings:
         structure (the `CoordinateGuess` on the true cell and species; needs
         ``flow_prior='learned'`` and a ``phys_fn`` in `autoperi_jax.loss.make_loss_fn`);
         0 = not computed.
+      decode_edge_share: share of ``flow_edges_per_crystal`` the velocity field's edge
+        list holds when decoding (`make_decode_fn`); a step whose batch overflows it is
+        evaluated on the full budget instead (``lax.cond``), so the result is the same.
+        The training budget is sized for the densest batches: MP-20 decoding used about
+        half of it, and the GNN's cost follows the slots. Training ignores it.
     """
 
     max_atoms: int = 20
@@ -171,6 +177,7 @@ class ModelSettings:
     lambda_guess: float = 1.0
     guess_stop_gradient: bool = False
     beta_phys: float = 0.0
+    decode_edge_share: float = 1.0
 
 
 # --------------------------------------------------------------------------- lattice
@@ -340,6 +347,22 @@ def velocity_inputs(
     )
 
 
+def flow_candidates(
+    x: Array,  # [G, A, 3] in [0, 1)
+    cell: Array,  # [G, 3, 3]
+    mask: Array,  # [G, A] bool
+    settings: ModelSettings,
+    share: float = 1.0,
+) -> CandidateEdges:
+    """The velocity field's in-jit edge list (`periodic_candidates` within
+    ``flow_cutoff``), with ``share`` of the training budget (static)."""
+    full = edge_budget(settings.flow_edges_per_crystal, mask.shape[1], settings.max_atoms)
+    budget = full if share >= 1.0 else max(8, math.ceil(share * full / 8) * 8)
+    return periodic_candidates(
+        x, cell, mask, settings.flow_cutoff, settings.flow_max_shift, min(budget, full)
+    )
+
+
 def dense_velocity(
     model: Autoencoder,
     params: Any,
@@ -352,6 +375,7 @@ def dense_velocity(
     mask: Array,  # [G, A] bool
     settings: ModelSettings,
     self_cond: Array | None = None,  # [G, A, 3] fractional displacement to previous x1-hat
+    cand: CandidateEdges | None = None,
 ) -> tuple[Array, CandidateEdges]:
     """The coordinate decoder's velocity field on dense crystals.
 
@@ -359,7 +383,8 @@ def dense_velocity(
     periodic graph (`periodic_candidates`) and evaluates `Autoencoder.velocity`, divided
     by max(1 - t, t_floor) for the ``'endpoint'`` parameterisation. With a
     self-conditioned model, ``self_cond`` is the previous end-point prediction minus ``x``
-    (zeros when there is none).
+    (zeros when there is none). ``cand``: the edge list of ``wrap_frac(x)`` when the
+    caller built it (`flow_candidates`), else the full-budget list is built here.
 
     Returns:
       fractional velocities [G, A, 3] (mean-free per crystal, 0 on padding) and the
@@ -371,14 +396,8 @@ def dense_velocity(
     if model.self_condition:
         sc = jnp.zeros_like(x) if self_cond is None else wrap_centered(self_cond)
         sc = jnp.einsum("gai,gij->gaj", sc * mask[..., None], cell).reshape(-1, 3)
-    cand = periodic_candidates(
-        x,
-        cell,
-        mask,
-        settings.flow_cutoff,
-        settings.flow_max_shift,
-        edge_budget(settings.flow_edges_per_crystal, A, settings.max_atoms),
-    )
+    if cand is None:
+        cand = flow_candidates(x, cell, mask, settings)
     inputs = velocity_inputs(numbers, feats, x, cell, mask, cand, sc)
     v = model.apply(params, z, t, inputs, method=Autoencoder.velocity)
     v = v.reshape(G, A, 3)
@@ -552,13 +571,26 @@ def make_decode_fn(
             x = per_graph_uniform(key, G, (A, 3))
         dt = 1.0 / settings.num_steps
 
+        def velocity(x, t, sc, cand):
+            args = (model, params, z, t, numbers, feats, x, cell, mask, settings)
+            return dense_velocity(*args, self_cond=sc, cand=cand)[0]
+
+        def decode_velocity(x, t, sc):
+            if settings.decode_edge_share >= 1.0:
+                return velocity(x, t, sc, None)
+            lean = flow_candidates(wrap_frac(x), cell, mask, settings, settings.decode_edge_share)
+            return jax.lax.cond(
+                lean.overflow,
+                lambda c: velocity(x, t, sc, None),  # the full budget
+                lambda c: velocity(x, t, sc, c),
+                lean,
+            )
+
         def step(carry, k):
             x, x1_hat = carry
             t = jnp.full((G,), k * dt)
             sc = jnp.where(k > 0, x1_hat - x, 0.0)
-            v, _ = dense_velocity(
-                model, params, z, t, numbers, feats, x, cell, mask, settings, self_cond=sc
-            )
+            v = decode_velocity(x, t, sc)
             x1_hat = x + v * jnp.maximum(1.0 - t, settings.t_floor)[:, None, None]
             return (wrap_frac(x + dt * v), x1_hat), None
 

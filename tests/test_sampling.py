@@ -232,6 +232,42 @@ def test_candidate_checks_keep_charge_balanced_well_separated_crystals(setup, pl
         assert share[True, conditioned] > share[False, conditioned], share
 
 
+def test_a_lean_decoder_edge_list_gives_the_full_budget_result(setup):
+    """`ModelSettings.decode_edge_share` (the sampler's ``decode_edge_share``): decoding
+    on a list of 0.7 of the edge budget equals the full budget's result where it fits,
+    and a share too small for any step (8 slots per crystal) takes the full-budget branch
+    and gives its result."""
+    import dataclasses
+
+    from autoperi_jax.model import flow_candidates, make_decode_fn
+    from autoperi_jax.testing import tiny_model
+
+    _, _, params, model = setup
+    _, settings = tiny_model()
+    norm = {"lattice_mean": [float(np.log(4.0))] * 3 + [0.0] * 3, "lattice_std": [0.05] * 6}
+    G, A = 6, settings.max_atoms
+    z = jax.random.normal(jax.random.PRNGKey(4), (G, model.latent_lattice + model.latent_comp
+                                                  + model.latent_struct))  # fmt: skip
+    cell = jnp.broadcast_to(jnp.eye(3) * 4.5, (G, 3, 3))
+    n_atoms = jnp.full((G,), A, jnp.int32)
+    numbers = jnp.tile(jnp.array([38, 22, 8, 8, 8])[:A], (G, 1))
+    out = {}
+    for share in (1.0, 0.7, 0.02):
+        st = dataclasses.replace(settings, decode_edge_share=share, num_steps=3)
+        decode = jax.jit(make_decode_fn(model, st, norm))
+        out[share] = jax.device_get(
+            decode(params["autoencoder"], z, jax.random.PRNGKey(5), None, cell, n_atoms, numbers)
+        )
+    full = out[1.0]
+    ends = [flow_candidates(full["frac"], cell, full["mask"], settings, sh) for sh in (0.7, 0.02)]
+    assert not bool(ends[0].overflow) and bool(ends[1].overflow)
+    for share in (0.7, 0.02):  # equal up to float rounding (XLA fuses a branch its own way)
+        d = out[share]["frac"] - full["frac"]
+        assert np.abs(d - np.round(d)).max() < 1e-5, share
+    with pytest.raises(ValueError, match="decode_edge_share must be in"):
+        SamplerSettings(decode_edge_share=0.0)
+
+
 @pytest.mark.parametrize("name", ["retries", "spare_fraction", "accept_min_ratio"])
 def test_negative_candidate_settings_are_refused(name):
     with pytest.raises(ValueError, match=f"SamplerSettings.{name} must be >= 0"):
