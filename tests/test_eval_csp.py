@@ -110,7 +110,10 @@ def test_eval_cli_csp(case, tmp_path):
     assert m["options"]["csp_ks"] == [1, 2] and m["options"]["match_tolerances"]["ltol"] == 0.3
     assert (m["metrics"]["match_rate_k1"], m["metrics"]["match_rate_k2"]) == (0.5, 1.0)
     assert m["metrics"]["composition_kept_rate"] == 1.0
-    assert "Match rate, k = 2" in (tmp_path / "o" / "report.md").read_text()
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "Match rate, k = 2" in report
+    ceiling = m["metrics"]["match_rate_ceiling_k1"]
+    assert f"the k = 1 ceiling, {100 * ceiling:.2f} %" in report
     assert cli.main([*args[:-4], "--k", "0", "--out", str(tmp_path / "o2")]) == 2
 
 
