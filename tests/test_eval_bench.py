@@ -10,6 +10,7 @@ from autoperi_jax.api import pretrained_path
 from eval.bench import atom_scaling, markdown
 
 
+@pytest.mark.slow  # 30-60 s: the default run stays under 15 min on 2 cores
 def test_atom_scaling_probe_runs_on_the_shipped_architecture():
     out = atom_scaling(pretrained_path("perov_5"), [6], batch_size=4, repeats=1, nfe=1)
     assert [r["atoms"] for r in out] == [6]

@@ -92,6 +92,7 @@ def test_teacher_forced_decoding_uses_the_truth(setup):
         np.testing.assert_allclose(c.lattice_params, cell_to_lattice_params(g.cell), rtol=1e-4)
 
 
+@pytest.mark.slow  # 30-60 s: the default run stays under 15 min on 2 cores
 def test_alternative_options_run():
     """Uniform prior, velocity target, self-conditioning, global context, Gaussian
     posterior: one model exercising every non-default path."""

@@ -276,6 +276,7 @@ def test_negative_candidate_settings_are_refused(name):
         SamplerSettings(constraint_max_neighbors=0)
 
 
+@pytest.mark.slow  # 30-60 s: the default run stays under 15 min on 2 cores
 def test_spacegroup_prior_draws_within_its_groups_with_a_cut_table(setup):
     """With the space-group prior, ``prior_groups`` (what `autoperi_jax.api.load` passes:
     the groups with non-zero prior) restricts the draws to those groups and cuts the
@@ -301,6 +302,7 @@ def test_spacegroup_prior_draws_within_its_groups_with_a_cut_table(setup):
     assert np.all(only["spacegroup"] == 99)
 
 
+@pytest.mark.slow  # 30-60 s: the default run stays under 15 min on 2 cores
 def test_conditioned_temperature_applies_only_when_something_is_requested(setup):
     """``SamplerSettings.conditioned_temperature`` is the default T of conditioned sampling
     (a property or a group requested), ``temperature`` that of unconditioned sampling; an
