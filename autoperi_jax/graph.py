@@ -762,6 +762,17 @@ class CandidateEdges(NamedTuple):
     overflow: Any
 
 
+def candidates_whole(cand: CandidateEdges) -> Any:
+    """[G] bool: the crystals whose every edge within the cutoff is on ``cand``'s list
+    (their image range covered the cell and no edge was cut by a full budget)."""
+    import jax
+    import jax.numpy as jnp
+
+    G = cand.num_edges.shape[0]
+    kept = jax.ops.segment_sum(cand.mask.astype(jnp.int32), cand.edge_graph, G)  # [G]
+    return cand.complete & (kept == cand.num_edges)
+
+
 def periodic_candidates(
     frac: Any,  # [G, A, 3]
     cell: Any,  # [G, 3, 3]

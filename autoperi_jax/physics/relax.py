@@ -301,7 +301,7 @@ def _listed_constraint(
       edges, or where the list's fallback range missed the cell; the result equals the
       dense layer's otherwise (up to float rounding).
     """
-    from autoperi_jax.graph import periodic_candidates  # the in-jit neighbour list
+    from autoperi_jax.graph import candidates_whole, periodic_candidates  # in-jit list
 
     B, N = mask.shape
     radius = float(potential.cutoff) + skin
@@ -332,8 +332,7 @@ def _listed_constraint(
     d_ij = potential.sigma[numbers[:, :, None], numbers[:, None, :]].astype(frac.dtype)
     pair_real = mask[:, :, None] & mask[:, None, :]  # [B, N, N]
     safe = ~pair_real | (radius - d_ij > reach[:, :, None] + reach[:, None, :])
-    kept = jax.ops.segment_sum(cand.mask.astype(jnp.int32), edge_graph, B)  # [B]
-    complete = jnp.all(safe, axis=(1, 2)) & cand.complete & (kept == cand.num_edges)
+    complete = jnp.all(safe, axis=(1, 2)) & candidates_whole(cand)
     out = jnp.einsum("bna,bac->bnc", x.reshape(B, N, 3), jnp.linalg.inv(cell))
     return wrap_frac(out), complete
 
@@ -504,7 +503,7 @@ def batched_min_distance_ratio(
     Returns:
         ``[B]``; ``upto`` where no pair is closer than ``upto * d_ij``.
     """
-    from autoperi_jax.graph import periodic_candidates  # the in-jit neighbour list
+    from autoperi_jax.graph import candidates_whole, periodic_candidates  # in-jit list
 
     if potential is None:
         potential = covalent_soft_sphere()
@@ -521,8 +520,7 @@ def batched_min_distance_ratio(
     d = potential.sigma[flat[cand.receivers], flat[cand.senders]].astype(frac.dtype)  # [M]
     ratio = jnp.where(cand.mask, cand.distances / d, jnp.inf)
     listed = jnp.minimum(jax.ops.segment_min(ratio, cand.edge_graph, B), upto)  # [B]
-    kept = jax.ops.segment_sum(cand.mask.astype(jnp.int32), cand.edge_graph, B)
-    exact = jnp.all(cand.complete & (kept == cand.num_edges))
+    exact = jnp.all(candidates_whole(cand))
 
     def dense(_):
         one = partial(min_distance_ratio, n_images=n_images, potential=potential)
