@@ -58,6 +58,7 @@ from autoperi_jax.model import (
     bond_targets,
     cell_to_y,
     connectivity_logits,
+    counts_from_fractions,
     dense_layout,
     dense_velocity,
     lattice_from_y,
@@ -145,30 +146,40 @@ def composition_loss(
     gmask: Array,  # [G] bool
 ) -> tuple[Array, Metrics]:
     """``L_atom``: cross-entropy of the atom count plus the mean cross-entropy of the
-    species of every slot, atoms sorted by atomic number (``l_count`` + ``l_species``).
-    The dense layout may be narrower than the decoder (an atom-count bucket): the species
-    of its A slots are scored, the count over all ``model.max_atoms`` classes."""
+    species of every atom (``l_count`` + ``l_species``): per slot of the atoms sorted by
+    atomic number (``composition_head='slots'``) or under the predicted element
+    fractions (``'fractions'``). The dense layout may be narrower than the decoder (an
+    atom-count bucket): the species of its A slots are scored, the count over all
+    ``model.max_atoms`` classes. Metrics: ``count_acc``, ``species_acc`` (slots of the
+    decoded sorted list given the true count) and ``composition_acc`` (all of them)."""
     A = dense.mask.shape[1]
     gm = gmask.astype(jnp.float32)
     count_logits, species_logits = model.apply(
         params, z, dense.n_atoms, method=Autoencoder.decode_composition
     )
-    species_logits = species_logits[:, :A]  # [G, A, 119]
     count_target = jnp.clip(dense.n_atoms - 1, 0, count_logits.shape[-1] - 1)
     count_lp = jax.nn.log_softmax(count_logits)
     l_count = _graph_mean(-jnp.take_along_axis(count_lp, count_target[:, None], 1)[:, 0], gm)
     sorted_numbers = jnp.sort(jnp.where(dense.mask, dense.numbers, 1000), axis=1)
     slot_mask = (jnp.arange(A)[None, :] < dense.n_atoms[:, None]) & gmask[:, None]
     sorted_numbers = jnp.where(slot_mask, sorted_numbers, 0)
-    sp_lp = jax.nn.log_softmax(species_logits)
-    sp_nll = -jnp.take_along_axis(sp_lp, sorted_numbers[..., None], -1)[..., 0]
+    if model.composition_head == "fractions":
+        sp_lp = jax.nn.log_softmax(species_logits)  # [G, 119]
+        sp_nll = -jnp.take_along_axis(sp_lp, sorted_numbers, -1)  # [G, A]
+        decoded = counts_from_fractions(species_logits, dense.n_atoms, A)
+    else:
+        species_logits = species_logits[:, :A]  # [G, A, 119]
+        sp_lp = jax.nn.log_softmax(species_logits)
+        sp_nll = -jnp.take_along_axis(sp_lp, sorted_numbers[..., None], -1)[..., 0]
+        decoded = jnp.argmax(species_logits, -1)
     l_species = _masked_mean(sp_nll, slot_mask)
-    hit = (jnp.argmax(species_logits, -1) == sorted_numbers).astype(jnp.float32)
+    hit = (decoded == sorted_numbers) | ~slot_mask  # [G, A]
     return l_count + l_species, {
         "l_count": l_count,
         "l_species": l_species,
         "count_acc": _graph_mean(jnp.argmax(count_logits, -1) == count_target, gm),
-        "species_acc": _masked_mean(hit, slot_mask),
+        "species_acc": _masked_mean(hit.astype(jnp.float32), slot_mask),
+        "composition_acc": _graph_mean(jnp.all(hit, -1), gm),
     }
 
 

@@ -60,6 +60,7 @@ __all__ = [
     "cell_to_y",
     "compute_normalisers",
     "connectivity_logits",
+    "counts_from_fractions",
     "couple",
     "decode_composition",
     "decoded_bonds",
@@ -494,6 +495,35 @@ def make_encode_fn(model: Autoencoder) -> Callable[[Any, Any], Array]:
     return encode
 
 
+def counts_from_fractions(logits: Array, n_atoms: Array, max_atoms: int) -> Array:
+    """Element-fraction logits -> the species-sorted atom list of ``n_atoms`` atoms.
+
+    Largest-remainder rounding of the expected counts n p_e: every element gets
+    floor(n p_e) atoms, the atoms left over go to the largest remainders. The counts
+    sum to n exactly, and they are the true counts whenever every |n p_e - c_e| < 1/2.
+    Element 0 (padding) gets none.
+
+    Args:
+      logits: [G, 119] element logits.
+      n_atoms: [G] int atom counts (<= max_atoms).
+      max_atoms: slots A of the output.
+
+    Returns:
+      [G, A] int32 atomic numbers, ascending over the first n_atoms slots, 0 after.
+    """
+    logits = logits.at[..., 0].set(-jnp.inf)
+    n = n_atoms.astype(jnp.float32)
+    expected = jax.nn.softmax(logits, -1) * n[:, None]  # [G, 119]
+    base = jnp.floor(expected)
+    left = n_atoms - jnp.sum(base, -1).astype(jnp.int32)  # [G], 0 <= left < 119
+    rank = jnp.argsort(jnp.argsort(-(expected - base), -1), -1)  # 0 = largest remainder
+    counts = base.astype(jnp.int32) + (rank < left[:, None]).astype(jnp.int32)
+    cum = jnp.cumsum(counts, -1)  # [G, 119]
+    slots = jnp.arange(max_atoms)
+    numbers = jax.vmap(lambda c: jnp.searchsorted(c, slots, side="right"))(cum)
+    return jnp.where(slots[None, :] < n_atoms[:, None], numbers, 0).astype(jnp.int32)
+
+
 def decode_composition(
     model: Autoencoder, params: Any, z: Array, n_atoms: Array | None = None
 ) -> tuple[Array, Array]:
@@ -514,6 +544,8 @@ def decode_composition(
         )
         n_atoms = jnp.argmax(count_logits, -1) + 1
     _, species_logits = model.apply(params, z, n_atoms, method=Autoencoder.decode_composition)
+    if model.composition_head == "fractions":
+        return n_atoms, counts_from_fractions(species_logits, n_atoms, model.max_atoms)
     species_logits = species_logits.at[..., 0].set(-jnp.inf)
     numbers = jnp.argmax(species_logits, -1)
     mask = jnp.arange(numbers.shape[-1])[None, :] < n_atoms[:, None]

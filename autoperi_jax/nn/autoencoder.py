@@ -46,6 +46,10 @@ class Autoencoder(nn.Module):
       dec_global_context: graph-mean features in every velocity-field layer.
       self_condition: the velocity field also reads its previous end-point prediction
         (self-conditioning, Chen et al., "Analog Bits", ICLR 2023).
+      composition_head: ``'slots'`` (species per sorted slot) or ``'fractions'``
+        (element fractions, rounded to the atom count; the encoder's z_comp head then
+        reads the composition alone, so z_comp is a code of the composition);
+        `autoperi_jax.nn.decoder.CompositionDecoder`.
     """
 
     max_atoms: int = 20
@@ -72,6 +76,7 @@ class Autoencoder(nn.Module):
     connect_cutoff: float = 5.0
     dec_global_context: bool = False
     self_condition: bool = False
+    composition_head: str = "slots"
 
     def setup(self) -> None:
         enc_gnn = PeriodicGNN(
@@ -107,9 +112,12 @@ class Autoencoder(nn.Module):
             latent_comp=self.latent_comp,
             latent_struct=self.latent_struct,
             posterior=self.posterior,
+            composition_fractions=self.composition_head == "fractions",
         )
         self.lattice_decoder = LatticeDecoder(self.head_hidden)
-        self.composition_decoder = CompositionDecoder(self.max_atoms, self.head_hidden)
+        self.composition_decoder = CompositionDecoder(
+            self.max_atoms, self.head_hidden, self.composition_head
+        )
         self.velocity_field = VelocityField(
             gnn=dec_gnn, embed_features=self.embed_features, cond_features=self.embed_features
         )
@@ -142,7 +150,8 @@ class Autoencoder(nn.Module):
 
     def decode_composition(self, z: jnp.ndarray, n_atoms: jnp.ndarray):
         """z [G, D], n_atoms [G] -> count logits [G, A], species logits [G, A, 119]
-        (reads z_comp only)."""
+        (``'slots'``) or element-fraction logits [G, 119] (``'fractions'``); reads z_comp
+        only."""
         return self.composition_decoder(self.split_latent(z)["z_comp"], n_atoms)
 
     def velocity(self, z: jnp.ndarray, t: jnp.ndarray, inputs: VelocityInputs) -> jnp.ndarray:

@@ -93,15 +93,27 @@ class LatticeDecoder(nn.Module):
 
 
 class CompositionDecoder(nn.Module):
-    """Atom count and sorted species from z_comp.
+    """Atom count and species from z_comp.
+
+    Two heads (``head``):
+
+    * ``'slots'``: the species of slot s of the atom list sorted by atomic number, one
+      119-way classifier per slot. The target of slot s depends on the counts of every
+      lighter element, so the head has to learn cumulative counts.
+    * ``'fractions'``: one 119-way distribution p over elements per crystal, the
+      element fractions (CDVAE's composition head); the atoms are then n * p rounded to
+      integers (`autoperi_jax.model.counts_from_fractions`). Exact whenever every
+      |n p_e - c_e| < 1/2.
 
     Attributes:
       max_atoms: largest atom count (static slot count A).
       hidden: MLP width.
+      head: ``'slots'`` or ``'fractions'``.
     """
 
     max_atoms: int
     hidden: int = 128
+    head: str = "slots"
 
     @nn.compact
     def __call__(
@@ -109,13 +121,18 @@ class CompositionDecoder(nn.Module):
         z_comp: jnp.ndarray,  # [G, d]
         n_atoms: jnp.ndarray,  # [G] int, atoms to decode (true in training)
     ) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """Returns count logits [G, A] (class c = c + 1 atoms) and species logits
-        [G, A, 119] for slot s of the atom list sorted by atomic number."""
+        """Returns count logits [G, A] (class c = c + 1 atoms) and species logits:
+        [G, A, 119] for slot s of the atom list sorted by atomic number (``'slots'``),
+        or [G, 119] element-fraction logits given ``n_atoms`` (``'fractions'``)."""
         count_logits = _mlp(z_comp, self.hidden, self.max_atoms, "count")
         n_emb = nn.Embed(self.max_atoms + 1, self.hidden, name="count_embed")(
             jnp.clip(n_atoms, 0, self.max_atoms)
         )
         g = nn.silu(nn.Dense(self.hidden, name="graph")(z_comp)) + n_emb  # [G, H]
+        if self.head == "fractions":
+            return count_logits, _mlp(nn.silu(g), self.hidden, 119, "fractions")
+        if self.head != "slots":
+            raise ValueError(f"composition head must be 'slots' or 'fractions': {self.head}")
         slots = nn.Embed(self.max_atoms, self.hidden, name="slot_embed")(
             jnp.arange(self.max_atoms)
         )  # [A, H]

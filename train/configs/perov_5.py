@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.connect_cutoff = 4.0
     c.model.dec_global_context = False
     c.model.self_condition = False
+    c.model.composition_head = "slots"  # or "fractions" (nn.decoder.CompositionDecoder)
 
     # ModelSettings (autoperi_jax.model); cutoffs and max_atoms come from c.model.
     c.objective = ml_collections.ConfigDict()
