@@ -24,7 +24,7 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -55,6 +55,7 @@ __all__ = [
     "optimizer",
     "restore_state",
     "run_loop",
+    "scale_by_path",
     "sync",
 ]
 
@@ -76,6 +77,9 @@ class OptimizerSettings:
         per-parameter normalisation amplifies float32 summation-order noise in near-zero
         gradients).
       momentum: SGD momentum (``None``: plain SGD).
+      lr_scales: ``((substring, factor), ...)``: the updates of every parameter whose
+        path (`jax.tree_util.keystr`) contains ``substring`` are multiplied by
+        ``factor`` (the first match counts), i.e. a per-module learning rate.
     """
 
     learning_rate: float
@@ -86,6 +90,7 @@ class OptimizerSettings:
     grad_clip: float
     kind: str = "adamw"
     momentum: float | None = None
+    lr_scales: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def from_config(
@@ -102,6 +107,7 @@ class OptimizerSettings:
             grad_clip=config.grad_clip,
             kind=config.get("optimizer", "adamw"),
             momentum=config.get("momentum", None) or None,
+            lr_scales=tuple((str(k), float(f)) for k, f in config.get("lr_scales", ())),
         )
 
 
@@ -128,7 +134,26 @@ def optimizer(s: OptimizerSettings) -> tuple[optax.GradientTransformation, Calla
         opt = optax.sgd(schedule, momentum=s.momentum)
     else:
         raise ValueError(f"config.optimizer must be 'adamw' or 'sgd': {s.kind!r}")
-    return optax.chain(optax.clip_by_global_norm(s.grad_clip), opt), schedule
+    parts = [optax.clip_by_global_norm(s.grad_clip), opt]
+    if s.lr_scales:
+        parts.append(scale_by_path(s.lr_scales))
+    return optax.chain(*parts), schedule
+
+
+def scale_by_path(scales: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
+    """Multiplies the update of each parameter by the factor of the first
+    ``(substring, factor)`` whose substring is in the parameter's path (1 if none)."""
+
+    def factor(path: Any) -> float:
+        key = jax.tree_util.keystr(path)
+        return next((f for sub, f in scales if sub in key), 1.0)
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        scaled = jax.tree_util.tree_map_with_path(lambda p, u: u * factor(p), updates)
+        return scaled, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:

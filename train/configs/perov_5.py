@@ -98,6 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_train_steps = 6000
     c.init_from = None  # a run's workdir: start from its parameters (fine-tuning)
     c.optimizer = "adamw"  # or "sgd"
+    c.lr_scales = ()  # ((substring of a parameter path, factor), ...): per-module rates
     c.momentum = 0.0  # sgd only
     c.learning_rate = 2e-3
     c.final_lr_fraction = 0.01
