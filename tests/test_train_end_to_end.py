@@ -2,6 +2,7 @@
 and `autoperi reconstruct` writes the split in order."""
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -106,3 +107,37 @@ def test_reconstruction_is_deterministic_without_prior_noise(run):
 
     np.testing.assert_array_equal(frac(0, 0.0), frac(1, 0.0))
     assert not np.allclose(frac(0, None), frac(1, None))
+
+
+def test_init_partial_copies_what_fits_and_reads_bundles(run, tmp_path, capsys):
+    """``config.init_partial``: a model with another composition head starts from the
+    source's parameters wherever path and shape agree (the GNNs, the lattice head) and
+    fresh elsewhere (the new head, the z_comp input layer), and says which; a shipped
+    bundle name is a source too."""
+    from train.trainer import _source
+
+    src, config, _ = run
+    source = load_checkpoint(src)["raw_params"]
+    tuned = config.copy_and_resolve_references()
+    tuned.init_from, tuned.init_partial = str(src), True
+    tuned.model.composition_head = "fractions"
+    tuned.num_train_steps, tuned.learning_rate, tuned.eval_every = 1, 0.0, 0
+    train_and_evaluate(tuned, tmp_path / "partial")
+    assert "start fresh" in capsys.readouterr().out
+    got = load_checkpoint(tmp_path / "partial")["raw_params"]
+    theirs = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(source)}
+    same, fresh = [], []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(got):
+        key = jax.tree_util.keystr(path)
+        if key in theirs and np.shape(theirs[key]) == np.shape(leaf):
+            np.testing.assert_array_equal(np.asarray(leaf), np.asarray(theirs[key]), key)
+            same.append(key)
+        else:
+            fresh.append(key)
+    assert any("velocity_field" in k for k in same) and any("lattice_decoder" in k for k in same)
+    assert any("fractions" in k for k in fresh) and any("z_comp_0" in k for k in fresh)
+    assert not any("z_lattice_0" in k for k in fresh)
+
+    model, params, normalisers = _source(Path("perov_5"))
+    assert model["max_atoms"] == 5 and len(normalisers["lattice_mean"]) == 6
+    assert "encoder" in params["params"]

@@ -24,6 +24,7 @@ with a likelihood on z could shrink z to inflate log p.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -38,11 +39,13 @@ import numpy as np
 import optax
 
 from autoperi_jax import physics, reconstruct
+from autoperi_jax.api import pretrained_path
 from autoperi_jax.checkpoint import (
     CHECKPOINT_FORMAT,
     Checkpointer,
     is_legacy,
     load_checkpoint,
+    load_pytree,
     step_dirs,
 )
 from autoperi_jax.crystal import Crystal, random_rotation
@@ -254,37 +257,91 @@ def _open_checkpoints(config: ml_collections.ConfigDict, ckpt_dir: Path, eval_on
     )
 
 
+def _source(source: Path) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """``(model config, raw parameters, normalisers)`` of a run's latest checkpoint or
+    of an inference bundle (a folder with ``meta.json``, or a shipped model's name)."""
+    if not source.exists() and "/" not in str(source):
+        try:
+            source = pretrained_path(str(source))
+        except FileNotFoundError:
+            pass
+    if (source / "meta.json").exists():
+        tree, meta = load_pytree(source)
+        ae = meta["autoencoder"]
+        return dict(ae["model"]), tree["autoencoder"], ae["normalisers"]
+    try:
+        ck = load_checkpoint(source)
+    except FileNotFoundError as e:
+        raise ValueError(f"config.init_from={source}: {e}") from None
+    return ck["config"].model.to_dict(), ck["raw_params"], ck["normalisers"]
+
+
+def _overlay(fresh: Any, theirs: Any) -> tuple[Any, list[str]]:
+    """``fresh`` with every leaf that ``theirs`` has at the same path and shape replaced
+    by it; also returns the paths kept fresh."""
+    found = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(theirs)}
+    kept: list[str] = []
+
+    def pick(path: Any, leaf: Any) -> Any:
+        other = found.get(jax.tree_util.keystr(path))
+        if other is not None and np.shape(other) == np.shape(leaf):
+            return jnp.asarray(other, leaf.dtype)
+        kept.append(jax.tree_util.keystr(path))
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(pick, fresh), kept
+
+
 def _init_from(
     config: ml_collections.ConfigDict,
     source: Path,
     tx: optax.GradientTransformation,
     ema_decay: float,
     mesh: Any,
+    fresh: Callable[[], Any],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fine-tuning start: the parameters (and normalisers) of another run's latest
-    checkpoint, format 1 or 2, with a fresh optimiser state and step 0 (`initial_state`).
+    checkpoint (format 1 or 2) or of an inference bundle (``RUN/flow/model``, or a
+    shipped model's name such as ``mp_20``), with a fresh optimiser state and step 0
+    (`initial_state`).
 
-    The model config must equal the source run's (the parameter tree follows from it).
+    By default the model config must equal the source's (the parameter tree follows
+    from it). With ``config.init_partial`` it may differ: every parameter whose path and
+    shape the source has is copied, the others keep their fresh initialisation and are
+    listed (e.g. a new composition head on a trained encoder and decoder).
 
     Raises:
-      ValueError: the source has no checkpoint or was trained with another model config.
+      ValueError: the source has no checkpoint, or was trained with another model
+        config and ``init_partial`` is off.
     """
-    try:
-        ck = load_checkpoint(source)
-    except FileNotFoundError as e:
-        raise ValueError(f"config.init_from={source}: {e}") from None
-    theirs, ours = ck["config"].model.to_dict(), config.model.to_dict()
-    diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-    if diff:
-        raise ValueError(
-            f"config.init_from={source} was trained with another model config (keys "
-            f"{', '.join(diff)} differ); use its config.model values"
+    theirs, params, normalisers = _source(source)
+    if not config.get("init_partial", False):
+        ours = config.model.to_dict()
+        default = {f.name: f.default for f in dataclasses.fields(Autoencoder)}
+        diff = sorted(
+            k
+            for k in set(theirs) | set(ours)
+            if theirs.get(k, default.get(k)) != ours.get(k, default.get(k))
         )
-    params = jax.tree.map(jnp.asarray, ck["raw_params"])
+        if diff:
+            raise ValueError(
+                f"config.init_from={source} was trained with another model config (keys "
+                f"{', '.join(diff)} differ); use its config.model values, or set "
+                "config.init_partial=True to copy the parameters that still fit"
+            )
+        params = jax.tree.map(jnp.asarray, params)
+    else:
+        params, kept = _overlay(jax.device_get(fresh()["params"]), params)
+        if jax.process_index() == 0:
+            print(
+                f"init_partial: {len(kept)} parameter arrays start fresh"
+                + (f" ({', '.join(kept)})" if kept else ""),
+                flush=True,
+            )
     state = parallel.create_state(
         functools.partial(initial_state, tx=tx, ema=ema_decay > 0), mesh, params
     )
-    return state, ck["normalisers"]
+    return state, normalisers
 
 
 def _start_state(
@@ -313,7 +370,7 @@ def _start_state(
             print(f"restored checkpoint at step {step} from {ckpt.directory}", flush=True)
         return state, saved["normalisers"], step  # the restored parameters' normalisers
     if config.get("init_from"):
-        state, normalisers = _init_from(config, Path(config.init_from), tx, ema_decay, mesh)
+        state, normalisers = _init_from(config, Path(config.init_from), tx, ema_decay, mesh, fresh)
         if lead:
             print(f"initialised parameters from {config.init_from}", flush=True)
         return state, normalisers, None

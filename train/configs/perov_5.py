@@ -96,7 +96,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.batch_size = 128  # global, over all devices and processes
     c.num_shards = 0  # shards of a global batch; 0 = one per device (see train.parallel)
     c.num_train_steps = 6000
-    c.init_from = None  # a run's workdir: start from its parameters (fine-tuning)
+    c.init_from = None  # a run's workdir or a model bundle / name: start from its parameters
+    c.init_partial = False  # copy only the parameters whose path and shape still fit
     c.optimizer = "adamw"  # or "sgd"
     c.lr_scales = ()  # ((substring of a parameter path, factor), ...): per-module rates
     c.momentum = 0.0  # sgd only
